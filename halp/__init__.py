@@ -1,0 +1,2 @@
+"""HALP: hardware-aware latency pruning."""
+__version__ = "0.1.0"

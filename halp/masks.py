@@ -1,0 +1,216 @@
+"""Per-group channel keep-masks: apply them while training, and save/load them.
+
+``ChannelMasks`` is plain data (group id -> bool keep vector) and serialises to a small versioned
+JSON file keyed by group ids (layer names), so another process can load it onto a fresh model.
+``MaskApplier`` binds masks to a :class:`~halp.graph.ChannelGraph` and zeroes the pruned channels'
+conv/linear weights and biases and BatchNorm weight, bias, running mean and running variance, and
+the matching optimizer state (SGD momentum, Adam moments), so a pruned channel stays exactly zero.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .graph import ChannelGraph
+
+MASK_FORMAT = "halp-channel-masks"
+MASK_VERSION = 1
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0,1,2,5,7,8] -> "0-2,5,7-8" (readable and short)."""
+    parts: list[str] = []
+    start = prev = None
+    for i in idx:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)
+
+
+def _parse_ranges(text: str, width: int, where: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b or a)
+        if not 0 <= lo <= hi < width:
+            raise ValueError(f"{where}: channel range {part!r} outside 0..{width - 1}")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+class ChannelMasks(Mapping[str, torch.Tensor]):
+    """Keep-masks by group id. ``masks[gid]`` is a bool tensor of the group's full width."""
+
+    def __init__(self, keep: Mapping[str, torch.Tensor]) -> None:
+        self._keep = {k: torch.as_tensor(v, dtype=torch.bool).clone() for k, v in keep.items()}
+
+    # Mapping protocol
+    def __getitem__(self, gid: str) -> torch.Tensor:
+        return self._keep[gid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keep)
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChannelMasks):
+            return NotImplemented
+        return self._keep.keys() == other._keep.keys() and all(
+            torch.equal(self._keep[k], other._keep[k]) for k in self._keep)
+
+    @classmethod
+    def full(cls, graph: ChannelGraph) -> "ChannelMasks":
+        """Everything kept."""
+        return cls({gid: torch.ones(g.width, dtype=torch.bool) for gid, g in graph.groups.items()})
+
+    @classmethod
+    def random(cls, graph: ChannelGraph, generator: torch.Generator, min_width: int = 1,
+               vanish_prob: float = 0.0, include_stem: bool = True) -> "ChannelMasks":
+        """Random masks for tests and ``halp inspect``: each group keeps a uniform random count
+        in ``[min_width, width]`` of randomly chosen channels; a group inside a residual branch is
+        emptied instead with probability ``vanish_prob``.
+        """
+        keep = {}
+        for gid, g in graph.groups.items():
+            if not g.prunable or (g.contains_stem and not include_stem):
+                keep[gid] = torch.ones(g.width, dtype=torch.bool)
+                continue
+            n = int(torch.randint(min(min_width, g.width), g.width + 1, (1,), generator=generator))
+            if g.can_vanish and float(torch.rand((), generator=generator)) < vanish_prob:
+                n = 0
+            m = torch.zeros(g.width, dtype=torch.bool)
+            m[torch.randperm(g.width, generator=generator)[:n]] = True
+            keep[gid] = m
+        return cls(keep)
+
+    def widths(self) -> dict[str, int]:
+        return {gid: int(m.sum()) for gid, m in self._keep.items()}
+
+    def pruned(self, gid: str) -> list[int]:
+        return torch.nonzero(~self._keep[gid]).flatten().tolist()
+
+    def validate(self, graph: ChannelGraph) -> None:
+        """Raise ``ValueError`` unless these masks fit ``graph`` (ids, widths, empty groups)."""
+        unknown = sorted(set(self._keep) - set(graph.groups))
+        if unknown:
+            raise ValueError(f"masks name groups the model does not have: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''} (masks from another model?)")
+        for gid, m in self._keep.items():
+            g = graph.groups[gid]
+            if m.numel() != g.width:
+                raise ValueError(f"group {gid}: mask has {m.numel()} channels, model has {g.width}")
+            if not bool(m.any()) and not g.can_vanish:
+                raise ValueError(f"group {gid} would keep no channel; only groups inside a residual "
+                                 "branch may be pruned to zero")
+            if not g.prunable and not bool(m.all()):
+                raise ValueError(f"group {gid} cannot be pruned: {', '.join(g.unsupported)}")
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self, model_name: str | None = None) -> dict:
+        return {"format": MASK_FORMAT, "version": MASK_VERSION, "model": model_name,
+                "groups": {gid: {"width": int(m.numel()), "kept": int(m.sum()),
+                                 "pruned": _ranges(self.pruned(gid))}
+                           for gid, m in self._keep.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ChannelMasks":
+        if data.get("format") != MASK_FORMAT:
+            raise ValueError(f"not a halp mask file (format={data.get('format')!r})")
+        if data.get("version") != MASK_VERSION:
+            raise ValueError(f"mask file version {data.get('version')} is not supported "
+                             f"(this halp reads version {MASK_VERSION})")
+        keep = {}
+        for gid, g in data["groups"].items():
+            m = torch.ones(int(g["width"]), dtype=torch.bool)
+            m[_parse_ranges(g.get("pruned", ""), int(g["width"]), f"group {gid}")] = False
+            if "kept" in g and int(m.sum()) != int(g["kept"]):
+                raise ValueError(f"group {gid}: 'kept'={g['kept']} disagrees with 'pruned'")
+            keep[gid] = m
+        return cls(keep)
+
+    def save(self, path: str | os.PathLike, model_name: str | None = None) -> Path:
+        """Write atomically (temp file + rename): a crash never leaves half a mask file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(model_name), indent=1) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ChannelMasks":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+class MaskApplier:
+    """Zeroes pruned channels in a graph's model (and optimizer state) for the given masks."""
+
+    def __init__(self, graph: ChannelGraph, masks: ChannelMasks) -> None:
+        masks.validate(graph)
+        self.graph = graph
+        self.masks = masks
+        # (tensor, dim, indices) triples; tensors are parameters or buffers of graph.model.
+        self._targets: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        for gid, keep in masks.items():
+            if bool(keep.all()):
+                continue
+            pruned = ~keep
+            for mem in graph.groups[gid].members:
+                sel = pruned[mem.channels]
+                if not bool(sel.any()):
+                    continue
+                idx = mem.positions[sel]
+                mod = graph.module(mem.layer)
+                for tensor, dim in _tensors_for(mod, mem.role):
+                    self._targets.append((tensor, dim, idx))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero the pruned channels; call after every optimizer step."""
+        for tensor, dim, idx in self._targets:
+            tensor.index_fill_(dim, idx.to(tensor.device), 0)
+
+    @torch.no_grad()
+    def clear_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero momentum / moment buffers of pruned channels so they cannot drift back."""
+        for tensor, dim, idx in self._targets:
+            state = optimizer.state.get(tensor) if isinstance(tensor, nn.Parameter) else None
+            if not state:
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                    value.index_fill_(dim, idx.to(value.device), 0)
+
+
+def _tensors_for(mod: nn.Module, role: str) -> list[tuple[torch.Tensor, int]]:
+    if role == "norm":
+        names = ("weight", "bias", "running_mean", "running_var")
+        return [(getattr(mod, n), 0) for n in names if getattr(mod, n, None) is not None]
+    if role == "out":
+        out = [(mod.weight, 0)]
+        if mod.bias is not None:
+            out.append((mod.bias, 0))
+        return out
+    return [(mod.weight, 1)]
