@@ -128,13 +128,19 @@ class ChannelGraph:
             raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
         names = {m: n for n, m in model.named_modules()}
         order = {n: i for i, n in enumerate(names.values())}
+        if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            raise ValueError(f"{type(model).__name__} has no Conv2d layer: halp prunes CNN channels")
         was_training = model.training
         model.eval()
         try:
             example = torch.randn(1, *input_shape)
             shapes = _trace_shapes(model, example)
-            with torch.enable_grad():
-                dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            try:
+                with torch.enable_grad():
+                    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            except Exception as e:  # Torch-Pruning's errors are deep; say what failed and where
+                raise ValueError(f"cannot trace the channel dependencies of {type(model).__name__}: "
+                                 f"{type(e).__name__}: {e}") from e
         finally:
             model.train(was_training)
 
@@ -207,7 +213,15 @@ def _trace_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[tu
     """Input and output shapes of every conv/linear from one forward (first call if reused)."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     hooks = []
+    running: list[str] = []  # modules entered and not yet left: the innermost one failed
+
+    def leave(*_: object) -> None:
+        running.pop()
+
     for name, mod in model.named_modules():
+        if name:
+            hooks.append(mod.register_forward_pre_hook(lambda m, i, name=name: running.append(name)))
+            hooks.append(mod.register_forward_hook(leave))
         if isinstance(mod, LAYER_TYPES):
             def hook(m: nn.Module, inp: tuple, out: torch.Tensor, name: str = name) -> None:
                 if name not in shapes and isinstance(out, torch.Tensor):
@@ -216,6 +230,10 @@ def _trace_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[tu
     try:
         with torch.no_grad():
             model(example)
+    except Exception as e:
+        where = f"layer {running[-1]!r} ({type(model.get_submodule(running[-1])).__name__})" if running else "the model"
+        raise ValueError(f"{where} failed on an input of shape {tuple(example.shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0]} (wrong --input-shape?)") from e
     finally:
         for h in hooks:
             h.remove()

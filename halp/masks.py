@@ -160,8 +160,14 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ChannelMasks":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return cls.from_dict(data)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"mask file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"corrupt or foreign mask file {path}: {e}") from None
 
 
 class MaskApplier:

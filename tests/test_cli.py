@@ -40,3 +40,34 @@ def test_bad_input_is_one_clear_line(capsys):
         main(["inspect", "halp:resnet20", "--input-shape", "28,28"])
     assert e.value.code == 2
     assert "C,H,W" in capsys.readouterr().err
+
+
+def test_slim_command_and_foreign_or_corrupt_masks(tmp_path, capsys):
+    import torch
+
+    from halp.graph import ChannelGraph
+    from halp.masks import ChannelMasks
+    from halp.models import create_model
+
+    model = create_model("halp:resnet20", num_classes=10, in_chans=1)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    graph = ChannelGraph.build(model, (1, 28, 28))
+    ChannelMasks.random(graph, torch.Generator().manual_seed(0), vanish_prob=0.3).save(tmp_path / "m.json")
+    rc = main(["slim", "halp:resnet20", "--checkpoint", str(tmp_path / "w.pt"), "--masks",
+               str(tmp_path / "m.json"), "--out", str(tmp_path / "s.pt"), "--onnx", str(tmp_path / "s.onnx")])
+    assert rc == 0 and (tmp_path / "s.pt").exists() and (tmp_path / "s.onnx").exists()
+    assert "MACs" in capsys.readouterr().out
+    # a mask file for another model
+    other = ChannelGraph.build(create_model("halp:mobilenetv2", in_chans=1), (1, 28, 28))
+    ChannelMasks.full(other).save(tmp_path / "other.json")
+    assert main(["slim", "halp:resnet20", "--masks", str(tmp_path / "other.json"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "does not have" in capsys.readouterr().err
+    # a corrupt one
+    (tmp_path / "bad.json").write_text('{"format": "halp-channel-masks", "version": 1, "groups": {"conv1": 3')
+    assert main(["slim", "halp:resnet20", "--masks", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+    # a checkpoint of another shape
+    assert main(["slim", "halp:resnet20", "--num-classes", "5", "--checkpoint", str(tmp_path / "w.pt"),
+                 "--masks", str(tmp_path / "m.json"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "does not fit" in capsys.readouterr().err

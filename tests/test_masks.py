@@ -166,3 +166,35 @@ def test_failed_save_leaves_nothing(graph, tmp_path, monkeypatch):
         ChannelMasks.full(graph).save(target)
     assert target.read_text() == "previous contents"
     assert [p.name for p in tmp_path.iterdir()] == ["masks.json"]
+
+
+def test_applying_twice_changes_nothing(graph):
+    applier = MaskApplier(graph, some_masks(graph, 4))
+    applier.apply()
+    once = {k: v.clone() for k, v in graph.model.state_dict().items()}
+    applier.apply()
+    assert all(torch.equal(once[k], v) for k, v in graph.model.state_dict().items())
+
+
+def test_unsupported_members_are_named():
+    class GN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.gn, self.c2 = nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.c2(self.gn(self.c1(x))).mean((2, 3)))
+    graph = ChannelGraph.build(GN(), (3, 16, 16))
+    assert graph.groups["c1"].unsupported == ("GroupNorm gn",)
+    keep = dict(ChannelMasks.full(graph))
+    keep["c1"] = torch.tensor([True] * 7 + [False])
+    with pytest.raises(ValueError, match="GroupNorm gn"):
+        ChannelMasks(keep).validate(graph)
+
+
+def test_wrong_input_shape_names_the_layer():
+    with pytest.raises(ValueError, match="layer 'conv1'.*to have 3 channels"):
+        ChannelGraph.build(create_model("halp:resnet20", in_chans=3), (1, 28, 28))
+    with pytest.raises(ValueError, match="no Conv2d"):
+        ChannelGraph.build(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), (3, 2, 2))

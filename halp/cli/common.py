@@ -41,5 +41,10 @@ def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int
             raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+            raise ValueError(f"checkpoint {args.checkpoint} does not fit {args.model} with "
+                             f"{classes} classes and input {shape}: {detail}") from None
     return model.eval(), shape
