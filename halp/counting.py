@@ -21,14 +21,18 @@ class Counts:
     params: int
 
 
-def _removed_prefixes(graph: ChannelGraph, widths: dict[str, int]) -> list[tuple[str, str | None]]:
+def removed_modules(graph: ChannelGraph, widths: dict[str, int]) -> set[str]:
+    """Names of the modules that an emptied residual branch takes out of the slim model."""
+    gone = vanished_blocks(graph, widths)
+    if not gone:
+        return set()
     specs = find_residual_blocks(graph.model)
-    return [(f"{b}.", f"{b}.{specs[b].shortcut}." if specs[b].shortcut else None)
-            for b in vanished_blocks(graph, widths)]
-
-
-def _is_removed(name: str, removed: list[tuple[str, str | None]]) -> bool:
-    return any(name.startswith(p) and not (s and name.startswith(s)) for p, s in removed)
+    out = set()
+    for b in gone:
+        shortcut = f"{b}.{specs[b].shortcut}." if specs[b].shortcut else None
+        out.update(n for n, _ in graph.model.named_modules()
+                   if n.startswith(f"{b}.") and not (shortcut and n.startswith(shortcut)))
+    return out
 
 
 def layer_macs(li: LayerInfo, cin: int, cout: int) -> int:
@@ -49,13 +53,13 @@ def count(graph: ChannelGraph, widths: dict[str, int] | None = None) -> Counts:
     """MACs (batch 1, conv + linear) and parameters of the model pruned to group ``widths``."""
     widths = widths if widths is not None else graph.full_widths()
     io = graph.layer_widths(widths)
-    removed = _removed_prefixes(graph, widths)
+    removed = removed_modules(graph, widths)
     macs = 0
     params = sum(p.numel() for p in graph.model.parameters())
     for name, li in graph.layers.items():
         mod = graph.module(name)
         params -= sum(p.numel() for p in mod.parameters(recurse=False))
-        if _is_removed(name, removed):
+        if name in removed:
             continue
         cin, cout = io[name]
         macs += layer_macs(li, cin, cout)
@@ -65,6 +69,6 @@ def count(graph: ChannelGraph, widths: dict[str, int] | None = None) -> Counts:
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine:
             if name in norm_width:
                 params -= 2 * mod.num_features
-                if not _is_removed(name, removed):
+                if name not in removed:
                     params += 2 * norm_width[name]
     return Counts(macs=int(macs), params=int(params))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -10,20 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fileio import atomic_write
+
 
 def save_module(model: nn.Module, path: str | os.PathLike) -> Path:
     """Pickle the whole module (architecture + weights) atomically; load with :func:`load_module`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(model, tmp))
 
 
 def load_module(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:

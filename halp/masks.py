@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from .fileio import atomic_write_text
 from .graph import ChannelGraph
 
 MASK_FORMAT = "halp-channel-masks"
@@ -145,18 +145,7 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
 
     def save(self, path: str | os.PathLike, model_name: str | None = None) -> Path:
         """Write atomically (temp file + rename): a crash never leaves half a mask file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(model_name), indent=1) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(model_name), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ChannelMasks":

@@ -1,0 +1,216 @@
+"""Where latency is measured: one interface, chosen by name.
+
+- ``torch`` — PyTorch eager on the CPU (default; what this project measures and claims).
+- ``onnxruntime`` — ONNX Runtime's CPU execution provider.
+- ``torch-cuda`` — PyTorch eager on a CUDA GPU timed with CUDA events. Written to the same
+  interface but **unverified**: our machines have no GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+Runner = Callable[[], object]
+
+
+@dataclass
+class Setting:
+    """The deployment setting a table is valid for."""
+
+    backend: str = "torch"
+    batch: int = 1
+    threads: int = 1
+    channels_last: bool = False
+    dtype: str = "float32"
+    allocator: str = "steady"
+
+    def __post_init__(self) -> None:
+        if self.allocator not in ("steady", "default"):
+            raise ValueError(f"allocator must be 'steady' or 'default', got {self.allocator!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if self.dtype == "float16" and self.backend != "torch-cuda":
+            raise ValueError("float16 timing is only offered on torch-cuda")
+
+    @property
+    def memory_format(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in the process (glibc): no mmap/munmap and page faults per forward.
+
+    With glibc's defaults a conv's output buffer may be mmapped and returned to the OS on every
+    call, and whether that happens depends on the process's allocation history: we measured the
+    same conv at 1.1 ms or 0.29 ms in one process. Long-running servers (and jemalloc/tcmalloc)
+    sit in the steady regime, so we time there. Returns False where this is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class Backend:
+    """Prepares a module + input for repeated forwards and times them."""
+
+    name: str
+    setting: Setting
+    _restore_threads: int = field(default=0, repr=False)
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def device(self) -> dict:
+        return {"kind": "cpu", "name": cpu_name(), "arch": platform.machine(),
+                "logical_cpus": os.cpu_count()}
+
+    def versions(self) -> dict:
+        return {"torch": torch.__version__.split("+")[0]}
+
+    def __enter__(self) -> "Backend":
+        ok, why = self.available()
+        if not ok:
+            raise RuntimeError(f"backend {self.name} is not available here: {why}")
+        self._restore_threads = torch.get_num_threads()
+        torch.set_num_threads(self.setting.threads)
+        if self.setting.allocator == "steady" and not steady_allocator():
+            warnings.warn("could not tune the C allocator (not glibc?): timings may vary with "
+                          "allocation history; recording allocator='default'")
+            self.setting.allocator = "default"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self._restore_threads)
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Runner:
+        module = module.eval()
+        if self.setting.channels_last and x.dim() == 4:
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return module(x)
+        return run
+
+    def time_ms(self, run: Runner, n: int) -> float:
+        """Mean milliseconds of ``n`` back-to-back calls."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+
+class OnnxRuntimeBackend(Backend):
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime is not installed (pip install 'halp[onnx]')"
+        return True, ""
+
+    def versions(self) -> dict:
+        import onnxruntime
+
+        return {**super().versions(), "onnxruntime": onnxruntime.__version__}
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Runner:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), (x,), buf, input_names=["input"], dynamo=False,
+                              opset_version=18)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.setting.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        feed = {"input": x.numpy()}
+        return lambda: sess.run(None, feed)
+
+
+class CudaBackend(Backend):
+    """CUDA-event timing (unverified: no GPU on our machines)."""
+
+    def available(self) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "torch.cuda.is_available() is False (no GPU or no CUDA driver)"
+        return True, ""
+
+    def device(self) -> dict:
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(), "arch": platform.machine()}
+
+    def versions(self) -> dict:
+        return {**super().versions(), "cuda": torch.version.cuda}
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Runner:
+        dtype = torch.float16 if self.setting.dtype == "float16" else torch.float32
+        module = module.eval().cuda().to(dtype)
+        x = x.cuda().to(dtype)
+        if self.setting.channels_last and x.dim() == 4:
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return module(x)
+        return run
+
+    def time_ms(self, run: Runner, n: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n
+
+
+BACKENDS: dict[str, type[Backend]] = {"torch": Backend, "onnxruntime": OnnxRuntimeBackend,
+                                      "torch-cuda": CudaBackend}
+
+
+def get_backend(setting: Setting) -> Backend:
+    """The backend named by ``setting.backend`` (use it as a context manager)."""
+    return BACKENDS[setting.backend](setting.backend, setting)

@@ -1,0 +1,230 @@
+"""Predict the latency of any width configuration from a latency table.
+
+- A layer's latency T_l(c_in, c_out) is read from its unit's entries; between grid points it is
+  linear in c_in and, in c_out, follows the staircase (the next measured c_out up, ``ceil``) or
+  is linear (``linear``). A layer with no input or no output channel costs nothing.
+- Total = sum over layers (layers of an emptied residual branch drop out) + overhead, where the
+  overhead (adds, pooling, dispatch: what units do not cover) is calibrated from one end-to-end
+  measurement of the dense model: ``offset`` adds the gap in ms, ``scale`` multiplies.
+- The marginal cost of HALP's neuron groups follows the paper (eq. 5-6): removing chunk i of a
+  group with n active channels and chunk size g saves
+  Σ_{l writes G} T_l(p_l, n - g i) - T_l(p_l, n - g (i+1)); ``two_sided`` also counts the c_in
+  shrink of the layers that read G.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..counting import removed_modules
+from ..graph import ChannelGraph
+from .table import LatencyTable
+from .units import UnitSpec, layer_grid, model_units
+
+OVERHEAD_MODES = ("none", "offset", "scale")
+COUT_MODES = ("ceil", "linear")
+
+
+class UnitCurve:
+    """Interpolates one unit's measured points."""
+
+    def __init__(self, points: dict[tuple[int, int], float], depthwise: bool, cout_mode: str = "ceil") -> None:
+        self.depthwise = depthwise
+        self.cout_mode = cout_mode
+        rows: dict[int, dict[int, float]] = {}
+        for (ci, co), ms in points.items():
+            rows.setdefault(ci, {})[co] = ms
+        self.cins = np.array(sorted(rows), dtype=float)
+        self.rows = {ci: (np.array(sorted(r), dtype=float), np.array([r[c] for c in sorted(r)]))
+                     for ci, r in rows.items()}
+        if depthwise:
+            cs = np.array(sorted(ci for ci, _ in points), dtype=float)
+            self.dw = (cs, np.array([points[(int(c), int(c))] for c in cs]))
+
+    def _along(self, xs: np.ndarray, ys: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
+        q = np.asarray(q, dtype=float)
+        if mode == "ceil":
+            idx = np.searchsorted(xs, q, side="left")
+            inside = idx < len(xs)
+            out = np.empty_like(q)
+            out[inside] = ys[idx[inside]]
+            out[~inside] = ys[-1] * q[~inside] / xs[-1]  # beyond the grid: proportional
+            return out
+        below = q < xs[0]
+        out = np.interp(q, xs, ys, right=np.nan)
+        out[below] = ys[0] * q[below] / xs[0]
+        beyond = q > xs[-1]
+        out[beyond] = ys[-1] * q[beyond] / xs[-1]
+        return out
+
+    def curve(self, cin: float, couts: np.ndarray) -> np.ndarray:
+        """Latency at c_in = ``cin`` for every c_out in ``couts`` (zeros where a width is 0)."""
+        couts = np.asarray(couts, dtype=float)
+        if self.depthwise:  # one width: c_in = c_out
+            res = self._along(*self.dw, couts, self.cout_mode)
+            return np.where(couts > 0, res, 0.0)
+        if cin <= 0:
+            return np.zeros_like(couts)
+        cins = self.cins
+        j = int(np.searchsorted(cins, cin))
+        if j < len(cins) and cins[j] == cin:
+            res = self._along(*self.rows[int(cin)], couts, self.cout_mode)
+        elif j == 0:  # below the smallest measured c_in: proportional
+            res = self._along(*self.rows[int(cins[0])], couts, self.cout_mode) * cin / cins[0]
+        elif j == len(cins):
+            res = self._along(*self.rows[int(cins[-1])], couts, self.cout_mode) * cin / cins[-1]
+        else:  # linear in c_in between the neighbouring rows
+            lo, hi = cins[j - 1], cins[j]
+            a = self._along(*self.rows[int(lo)], couts, self.cout_mode)
+            b = self._along(*self.rows[int(hi)], couts, self.cout_mode)
+            res = a + (b - a) * (cin - lo) / (hi - lo)
+        return np.where(couts > 0, res, 0.0)
+
+    def at(self, cin: float, cout: float) -> float:
+        if self.depthwise:
+            cin = cout
+        return float(self.curve(cin, np.array([cout]))[0])
+
+
+@dataclass
+class CostModel:
+    """Latency predictions for ``graph`` from ``table``. Build with :meth:`create`."""
+
+    graph: ChannelGraph
+    table: LatencyTable
+    curves: dict[str, UnitCurve]
+    layer_unit: dict[str, str]
+    conv_only: bool = False
+    overhead: str = "offset"
+    two_sided: bool = False
+    overhead_ms: float = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def create(cls, graph: ChannelGraph, table: LatencyTable, *, conv_only: bool = False,
+               overhead: str = "offset", two_sided: bool = False, cout_mode: str = "ceil",
+               strict: bool = True, dense_ms: float | None = None) -> "CostModel":
+        """Check that ``table`` belongs to ``graph`` and prepare interpolation.
+
+        ``conv_only`` uses the conv-alone times (the reference method); ``strict`` requires every
+        grid point of the model to be in the table (an interrupted or partly merged build is not).
+        ``dense_ms`` calibrates the overhead with a fresh end-to-end measurement of the dense
+        model instead of the one stored with the table (timings drift between runs).
+        """
+        if overhead not in OVERHEAD_MODES:
+            raise ValueError(f"overhead must be one of {OVERHEAD_MODES}, got {overhead!r}")
+        if cout_mode not in COUT_MODES:
+            raise ValueError(f"cout_mode must be one of {COUT_MODES}, got {cout_mode!r}")
+        layer_unit = match_layers(graph, table)
+        curves: dict[str, UnitCurve] = {}
+        for key in set(layer_unit.values()):
+            rows = table.entries.get(key, {})
+            pts = {}
+            for pt, e in rows.items():
+                ms = e.conv_ms if conv_only else e.ms
+                if ms is None:
+                    raise ValueError(f"table has no conv-only times for unit {key}")
+                pts[pt] = ms
+            if not pts:
+                raise ValueError(f"latency table has no entries for unit {key}")
+            curves[key] = UnitCurve(pts, table.units[key].depthwise, cout_mode)
+        model = cls(graph, table, curves, layer_unit, conv_only, overhead, two_sided)
+        if strict:
+            model.check_complete()
+        if overhead != "none":
+            if dense_ms is None:
+                dense_ms = (table.calibration or {}).get("dense_ms")
+            if dense_ms is None:
+                raise ValueError("latency table has no dense end-to-end measurement to calibrate "
+                                 "the overhead; use overhead='none' or rebuild the table")
+            units_ms = model.units_ms(graph.full_widths())
+            if overhead == "offset":
+                model.overhead_ms = float(dense_ms) - units_ms
+            else:
+                model.scale = float(dense_ms) / units_ms
+        return model
+
+    def check_complete(self) -> None:
+        steps = {gid: int(g.get("step", 1)) for gid, g in self.table.groups.items()}
+        missing = []
+        for name in self.graph.layers:
+            rows = self.table.entries.get(self.layer_unit[name], {})
+            missing += [(name, pt) for pt in layer_grid(self.graph, name, steps) if pt not in rows]
+        if missing:
+            shown = ", ".join(f"{n} at (c_in, c_out)={pt}" for n, pt in missing[:3])
+            raise ValueError(f"latency table is incomplete: {len(missing)} grid point(s) missing, e.g. "
+                             f"{shown} (interrupted build, or not all shards merged?)")
+
+    # ------------------------------------------------------------------ predictions
+    def layer_ms(self, name: str, cin: int, cout: int) -> float:
+        return self.curves[self.layer_unit[name]].at(cin, cout)
+
+    def units_ms(self, widths: dict[str, int]) -> float:
+        """Sum of the units' latencies at group ``widths`` (no overhead)."""
+        io = self.graph.layer_widths(widths)
+        removed = removed_modules(self.graph, widths)
+        return sum(self.layer_ms(n, *io[n]) for n in self.graph.layers if n not in removed)
+
+    def total_ms(self, widths: dict[str, int]) -> float:
+        """Predicted end-to-end latency at group ``widths``."""
+        return self.units_ms(widths) * self.scale + self.overhead_ms
+
+    def chunk_costs(self, gid: str, widths: dict[str, int], chunk: int) -> np.ndarray:
+        """Latency saved by each chunk of group ``gid`` (index 0 = removed first), given the
+        current ``widths``: entry i is the cost of going from ``n - chunk*i`` to
+        ``n - chunk*(i+1)`` channels (the last chunk may be smaller)."""
+        g = self.graph.groups[gid]
+        n = int(widths.get(gid, g.width))
+        hi = np.arange(n, 0, -chunk)
+        lo = np.maximum(hi - chunk, 0)
+        io = self.graph.layer_widths(widths)
+        cost = np.zeros(len(hi))
+        for name in g.out_layers:
+            curve = self.curves[self.layer_unit[name]]
+            cin = io[name][0]
+            cost += curve.curve(cin, hi) - curve.curve(cin, lo)
+        if self.two_sided:
+            for name in g.in_layers:
+                if self.graph.layers[name].depthwise:
+                    continue
+                curve = self.curves[self.layer_unit[name]]
+                cout = io[name][1]
+                cost += np.array([curve.at(h, cout) - curve.at(low, cout) for h, low in zip(hi, lo)])
+        return cost * self.scale
+
+
+def match_layers(graph: ChannelGraph, table: LatencyTable) -> dict[str, str]:
+    """Unit key of every layer of ``graph`` in ``table``, or a clear error if it does not fit."""
+    units = model_units(graph)
+    out = {}
+    for gid, g in graph.groups.items():
+        tg = table.groups.get(gid)
+        if table.groups and (tg is None or int(tg["width"]) != g.width):
+            model = table.meta.get("model", "another model")
+            raise ValueError(f"latency table was built for {model}: group {gid} "
+                             f"({g.width} channels) is {'missing' if tg is None else 'different'} in it")
+    for name, spec in units.items():
+        key = table.layers.get(name)
+        if key is None or key not in table.units:
+            key = _find_unit(table, spec)
+        if key is None:
+            raise ValueError(f"latency table has no unit for layer {name} ({spec.key}); "
+                             f"was it built for {table.meta.get('model', 'another model')}?")
+        if not _same_geometry(table.units[key], spec):
+            raise ValueError(f"layer {name} is {spec.key} but the table measured {key}: "
+                             "the table belongs to another model or input size")
+        out[name] = key
+    return out
+
+
+def _same_geometry(a: UnitSpec, b: UnitSpec) -> bool:
+    return (a.kind, a.kernel, a.stride, a.depthwise, a.input_hw) == (b.kind, b.kernel, b.stride, b.depthwise, b.input_hw)
+
+
+def _find_unit(table: LatencyTable, spec: UnitSpec) -> str | None:
+    """For tables without a layer map (imported ones): same geometry, closest extras."""
+    if spec.key in table.units:
+        return spec.key
+    same = [k for k, u in table.units.items() if _same_geometry(u, spec)]
+    return same[0] if same else None

@@ -1,0 +1,73 @@
+"""What a latency table says about its own quality: noise, monotonicity, staircase, chunk sizes."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import ChannelGraph
+from .cost import CostModel
+from .table import LatencyTable
+from .units import reachable_widths
+
+
+def noise_summary(table: LatencyTable) -> dict:
+    """Median / 90th percentile of the relative spread of repeats, and how many were re-measured."""
+    spreads = np.array(table.spreads()) if table.n_points else np.zeros(1)
+    rounds = int(table.meta.get("protocol", {}).get("rounds", 0))
+    remeasured = sum(e.samples > rounds for v in table.entries.values() for e in v.values()) if rounds else 0
+    return {"points": table.n_points, "units": len(table.units),
+            "median_spread": float(np.median(spreads)), "p90_spread": float(np.percentile(spreads, 90)),
+            "max_spread": float(spreads.max()), "remeasured": remeasured}
+
+
+def monotonicity_violations(table: LatencyTable, slack: float = 2.0) -> list[dict]:
+    """Points where more output channels cost *less* than fewer, by more than ``slack`` × the
+    spread of the two measurements. Real devices do this (e.g. power-of-two cliffs), so we report
+    rather than smooth: the knapsack copes with negative marginal costs."""
+    out = []
+    for key, rows in table.entries.items():
+        by_cin: dict[int, list[tuple[int, float, float]]] = {}
+        for (ci, co), e in rows.items():
+            by_cin.setdefault(ci, []).append((co, e.ms, e.spread))
+        for ci, pts in by_cin.items():
+            pts.sort()
+            for (c0, m0, s0), (c1, m1, s1) in zip(pts, pts[1:]):
+                if m1 < m0 and (m0 - m1) > slack * max(s0 * m0, s1 * m1, 1e-9):
+                    out.append({"unit": key, "c_in": ci, "c_out": (c0, c1), "ms": (m0, m1),
+                                "drop_pct": 100 * (m0 - m1) / m0})
+    return sorted(out, key=lambda v: -v["drop_pct"])
+
+
+def chunk_sizes(graph: ChannelGraph, table: LatencyTable, tol: float = 0.05,
+                cost: CostModel | None = None) -> dict[str, int]:
+    """Latency-aware chunk size of every group, read off the measured staircase.
+
+    For a group of width N on a grid of step S, the summed latency of its writing layers (other
+    groups at full width) is examined in blocks of m grid steps counted down from N. The chunk is
+    the largest m·S (at most N/2) for which every complete block is flat: removing part of a block
+    saves less than ``tol`` of the block's latency, so pruning less than a whole block buys
+    nothing. With S coarser than the device's stairs this returns S.
+    """
+    cost = cost or CostModel.create(graph, table, overhead="none", strict=False)
+    io = graph.layer_widths(graph.full_widths())
+    out = {}
+    for gid, g in graph.groups.items():
+        step = int(table.groups.get(gid, {}).get("step", 1))
+        widths = np.array(reachable_widths(g.width, step))[::-1]  # N, N-S, ...
+        lat = np.zeros(len(widths))
+        for name in g.out_layers:
+            lat += cost.curves[cost.layer_unit[name]].curve(io[name][0], widths)
+        best = 1
+        m = 2
+        while m * step <= g.width // 2:
+            flat = True
+            for top in range(0, len(widths) - m + 1, m):
+                block = lat[top:top + m]
+                if block[0] <= 0 or (block[0] - block.min()) / block[0] > tol:
+                    flat = False
+                    break
+            if not flat:
+                break
+            best = m
+            m *= 2
+        out[gid] = best * step
+    return out

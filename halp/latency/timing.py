@@ -1,0 +1,88 @@
+"""A robust timing protocol for many small workloads on a noisy machine.
+
+1. Warm-up: every workload runs once untimed (the first pass over new shapes is 35-60 % slow),
+   then is timed once to choose how many back-to-back calls make one sample (>= ``sample_ms``).
+2. Rounds: each round visits all workloads in a fresh random order, one sample each, so slow
+   drifts of the machine spread over all workloads instead of biasing some.
+3. Statistic: the median of the samples; spread = interquartile range / median.
+4. Workloads whose spread exceeds ``max_spread`` get more rounds (at most ``max_extra`` times).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backends import Backend, Runner
+
+
+@dataclass(frozen=True)
+class Protocol:
+    rounds: int = 5
+    sample_ms: float = 4.0
+    max_calls: int = 200
+    max_spread: float = 0.08
+    extra_rounds: int = 4
+    max_extra: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Timing:
+    ms: float
+    spread: float
+    samples: int
+    remeasured: bool = False
+
+
+def summarize(samples: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(samples, dtype=float)
+    med = float(np.median(a))
+    q75, q25 = np.percentile(a, [75, 25])
+    return med, float((q75 - q25) / med) if med > 0 else 0.0
+
+
+def measure(backend: Backend, runners: Sequence[Runner], protocol: Protocol,
+            tick: Callable[[int], None] | None = None) -> list[Timing]:
+    """Time every runner with the protocol above. ``tick(n)`` reports n finished samples."""
+    rng = random.Random(protocol.seed)
+    n = len(runners)
+    calls = []
+    for run in runners:
+        run()  # first call on new shapes: discarded
+        t = backend.time_ms(run, 1)
+        calls.append(max(1, min(protocol.max_calls, math.ceil(protocol.sample_ms / max(t, 1e-6)))))
+    samples: list[list[float]] = [[] for _ in range(n)]
+
+    def do_rounds(idx: list[int], rounds: int) -> None:
+        for _ in range(rounds):
+            order = idx[:]
+            rng.shuffle(order)
+            for i in order:
+                samples[i].append(backend.time_ms(runners[i], calls[i]))
+            if tick:
+                tick(len(order))
+
+    do_rounds(list(range(n)), protocol.rounds)
+    remeasured = set()
+    for _ in range(protocol.max_extra):
+        noisy = [i for i in range(n) if summarize(samples[i])[1] > protocol.max_spread]
+        if not noisy:
+            break
+        remeasured.update(noisy)
+        do_rounds(noisy, protocol.extra_rounds)
+    out = []
+    for i in range(n):
+        ms, spread = summarize(samples[i])
+        out.append(Timing(ms, spread, len(samples[i]), i in remeasured))
+    return out
