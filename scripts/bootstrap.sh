@@ -93,7 +93,7 @@ case "$cmd" in
   main)
     install_all
     export WANDB_MODE=${WANDB_MODE:-offline}
-    exec "$VENV/bin/halp" inspect halp:resnet20 --input-shape 1,28,28 --members "$@" ;;
+    exec "$VENV/bin/halp-run" "$@" ;;
   test)
     install_all
     export WANDB_MODE=${WANDB_MODE:-offline}

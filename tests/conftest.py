@@ -7,6 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from halp.latency.backends import Setting
+from halp.latency.build import plan_build
+from halp.latency.table import Entry, LatencyTable
+from halp.latency.units import model_units
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
@@ -29,3 +34,16 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def synthetic_table(graph, f, step=4) -> LatencyTable:
+    """A table whose entries are f(layer unit, c_in, c_out) on the full grid."""
+    units = model_units(graph)
+    plan = plan_build(graph, "t", Setting(), step)
+    t = LatencyTable(meta={"model": "t", "setting": {"batch": 1}},
+                     layers={n: u.key for n, u in units.items()},
+                     groups={gid: {"width": g.width, "step": plan.steps[gid]} for gid, g in graph.groups.items()},
+                     calibration=None)
+    for key, ci, co in plan.points:
+        t.add(key, plan.specs[key], ci, co, Entry(f(plan.specs[key], ci, co), conv_ms=f(plan.specs[key], ci, co) / 2))
+    return t

@@ -9,6 +9,8 @@ from pathlib import Path
 from ..graph import ChannelGraph
 from ..latency.backends import Setting, cpu_name, get_backend
 from ..latency.build import build_table, parse_shard, plan_build
+from ..latency.calibration import anchor_ms, recalibrate
+from ..latency.cost import CostModel
 from ..latency.quality import chunk_sizes, monotonicity_violations, noise_summary
 from ..latency.table import LatencyTable, load_reference, merge
 from ..latency.timing import Protocol
@@ -85,9 +87,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--rounds", type=int, default=7, help="timed samples per configuration")
     v.add_argument("--allow-lut-mismatch", action="store_true",
                    help="use a table measured in another setting or on another device")
+    v.add_argument("--table-anchors", action="store_true",
+                   help="calibrate with the anchors stored in the table instead of re-measuring them first")
     v.add_argument("--json", type=Path, default=None, help="write rows and summary here")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=run_validate)
+
+    c = lsub.add_parser("calibrate", help="re-measure the end-to-end anchors of a table (seconds)",
+                        description="Time the dense model, a half-width and the smallest model end to "
+                                    "end in the table's setting and store them in the table: the "
+                                    "anchors that map unit sums to end-to-end latency.")
+    c.add_argument("table", type=Path)
+    add_model_args(c)
+    c.add_argument("--allow-lut-mismatch", action="store_true")
+    c.set_defaults(func=run_calibrate)
 
     s = lsub.add_parser("show", help="text summary (noise, monotonicity, chunk sizes) and a PNG of the staircases")
     s.add_argument("table", type=Path)
@@ -135,7 +148,7 @@ def run_build(args: argparse.Namespace) -> int:
     viol = monotonicity_violations(table)
     print(f"built in {time.perf_counter() - t0:.0f}s: {noise['points']} points, median spread "
           f"{noise['median_spread']:.1%} (p90 {noise['p90_spread']:.1%}), {noise['remeasured']} re-measured, "
-          f"{len(viol)} monotonicity violations; dense model {table.calibration['dense_ms']:.3f} ms")
+          f"{len(viol)} monotonicity violations; dense model {anchor_ms(table.calibration, 'dense'):.3f} ms")
     return 0
 
 
@@ -146,7 +159,8 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_validate(args: argparse.Namespace) -> int:
+def _table_and_graph(args: argparse.Namespace) -> tuple[LatencyTable, Setting, ChannelGraph]:
+    """Load a table, check it was measured in this setting on this device, build the model's graph."""
     table = LatencyTable.load(args.table)
     st = table.meta.get("setting", {})
     setting = Setting(backend=st.get("backend", "torch"), batch=int(st.get("batch", 1)),
@@ -162,10 +176,24 @@ def run_validate(args: argparse.Namespace) -> int:
     if args.num_classes is None and table.meta.get("num_classes"):
         args.num_classes = int(table.meta["num_classes"])
     model, shape = model_from_args(args)
-    graph = ChannelGraph.build(model, shape)
+    return table, setting, ChannelGraph.build(model, shape)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    table, setting, graph = _table_and_graph(args)
+    CostModel.create(graph, table, overhead="none")  # the table must belong to this model
+    table.calibration = recalibrate(graph, table, setting)
+    table.save(args.table)
+    print("anchors: " + ", ".join(f"{a['name']} {a['ms']:.3f} ms" for a in table.calibration["anchors"])
+          + f" -> {args.table}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    table, setting, graph = _table_and_graph(args)
     res = validate(graph, table, setting, k=args.k, seed=args.seed, on_grid=not args.off_grid,
                    protocol=Protocol(rounds=args.rounds, sample_ms=50.0, seed=args.seed),
-                   progress=not args.quiet)
+                   progress=not args.quiet, fresh_anchors=not args.table_anchors)
     print(format_validation(res))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +215,8 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"{n['points']} points over {n['units']} units; spread of repeats (IQR/median): median "
           f"{n['median_spread']:.1%}, p90 {n['p90_spread']:.1%}, max {n['max_spread']:.1%}; "
           f"{n['remeasured']} points re-measured")
-    if table.calibration:
-        print(f"dense model end to end: {table.calibration['dense_ms']:.3f} ms "
-              f"(spread {table.calibration.get('spread', 0):.1%})")
+    for a in (table.calibration or {}).get("anchors", []):
+        print(f"end-to-end anchor {a['name']}: {a['ms']:.3f} ms (spread {a['spread']:.1%})")
     viol = monotonicity_violations(table)
     print(f"{len(viol)} monotonicity violations (more c_out, less time, beyond 2x noise)")
     for v in viol[:5]:

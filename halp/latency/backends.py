@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Runner = Callable[[], object]
@@ -120,15 +121,38 @@ class Backend:
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self._restore_threads)
 
-    def prepare(self, module: nn.Module, x: torch.Tensor) -> Runner:
+    def prepare(self, module: nn.Module, x: torch.Tensor, weight_pool: torch.Tensor | None = None) -> Runner:
+        """A closure running ``module(x)``. With ``weight_pool`` (a large flat tensor), a unit
+        whose first layer is a conv or linear takes that layer's weights from a different slice
+        of the pool on every call, so the weights come from as far down the cache hierarchy as
+        they would in the whole network (see :class:`~halp.latency.timing.Protocol`)."""
         module = module.eval()
         if self.setting.channels_last and x.dim() == 4:
             module = module.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        first = module[0] if isinstance(module, nn.Sequential) else module
+        if weight_pool is None or not isinstance(first, (nn.Conv2d, nn.Linear)):
+            def run() -> object:
+                with torch.inference_mode():
+                    return module(x)
+            return run
+        views = _weight_views(weight_pool, first.weight, self.setting.channels_last)
+        rest = list(module)[1:] if isinstance(module, nn.Sequential) else []
+        state = {"i": 0}
+        if isinstance(first, nn.Conv2d):
+            def layer(w: torch.Tensor) -> torch.Tensor:
+                return F.conv2d(x, w, first.bias, first.stride, first.padding, first.dilation, first.groups)
+        else:
+            def layer(w: torch.Tensor) -> torch.Tensor:
+                return F.linear(x, w, first.bias)
 
         def run() -> object:
             with torch.inference_mode():
-                return module(x)
+                state["i"] = (state["i"] + 1) % len(views)
+                y = layer(views[state["i"]])
+                for m in rest:
+                    y = m(y)
+                return y
         return run
 
     def time_ms(self, run: Runner, n: int) -> float:
@@ -137,6 +161,16 @@ class Backend:
         for _ in range(n):
             run()
         return (time.perf_counter() - t0) * 1e3 / n
+
+
+def _weight_views(pool: torch.Tensor, weight: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
+    n = weight.numel()
+    count = max(1, pool.numel() // n)
+    views = [pool[i * n:(i + 1) * n].view(weight.shape) for i in range(count)] if n <= pool.numel() \
+        else [weight.detach()]
+    if channels_last and weight.dim() == 4:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views[:1]] * len(views)
+    return views
 
 
 class OnnxRuntimeBackend(Backend):
@@ -152,8 +186,8 @@ class OnnxRuntimeBackend(Backend):
 
         return {**super().versions(), "onnxruntime": onnxruntime.__version__}
 
-    def prepare(self, module: nn.Module, x: torch.Tensor) -> Runner:
-        import onnxruntime as ort
+    def prepare(self, module: nn.Module, x: torch.Tensor, weight_pool: torch.Tensor | None = None) -> Runner:
+        import onnxruntime as ort  # weights are baked into the session: no weight pool
 
         buf = io.BytesIO()
         with warnings.catch_warnings():
@@ -183,7 +217,7 @@ class CudaBackend(Backend):
     def versions(self) -> dict:
         return {**super().versions(), "cuda": torch.version.cuda}
 
-    def prepare(self, module: nn.Module, x: torch.Tensor) -> Runner:
+    def prepare(self, module: nn.Module, x: torch.Tensor, weight_pool: torch.Tensor | None = None) -> Runner:
         dtype = torch.float16 if self.setting.dtype == "float16" else torch.float32
         module = module.eval().cuda().to(dtype)
         x = x.cuda().to(dtype)

@@ -8,7 +8,7 @@ written atomically; the partial file is removed.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -24,6 +24,7 @@ from ..graph import ChannelGraph
 from .backends import Backend, Setting, get_backend
 from .table import Entry, LatencyTable
 from .timing import Protocol, measure
+from .calibration import calibrate
 from .units import UnitSpec, enumerate_points, model_units
 
 
@@ -108,17 +109,21 @@ def _append(path: Path, lines: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def time_model(model: torch.nn.Module, input_shape: tuple[int, ...], backend: Backend,
-               protocol: Protocol) -> tuple[float, float]:
-    """End-to-end median latency (ms) and spread of ``model`` at the backend's batch size."""
-    x = torch.randn(backend.setting.batch, *input_shape)
-    (t,) = measure(backend, [backend.prepare(copy.deepcopy(model).eval(), x)], protocol)
-    return t.ms, t.spread
+MAX_POOL_MB = 128.0
 
 
-def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol = Protocol(),
+def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | None = None,
                 resume: bool = True, chunk: int = 24, progress: bool = True) -> LatencyTable:
-    """Measure every point of ``plan`` and write the table to ``out``."""
+    """Measure every point of ``plan`` and write the table to ``out``.
+
+    By default the protocol's weight pool is the size of the model's parameters (at most
+    ``MAX_POOL_MB``), so each unit sees the cache pressure of the whole network."""
+    if protocol is None:
+        protocol = Protocol()
+    if protocol.weight_pool_mb is None:
+        mb = sum(p.numel() * p.element_size() for p in plan.graph.model.parameters()) / 2**20
+        protocol = dataclasses.replace(protocol, weight_pool_mb=round(min(mb, MAX_POOL_MB), 1))
+    pool = torch.randn(int(protocol.weight_pool_mb * 2**20 / 4)) if protocol.weight_pool_mb else None
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     backend = get_backend(plan.setting)
@@ -144,10 +149,10 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol = Pr
             for key, ci, co in part:
                 spec = specs[key]
                 x = spec.example_input(plan.setting.batch, ci)
-                runners.append(backend.prepare(spec.build(ci, co, fused=True), x))
+                runners.append(backend.prepare(spec.build(ci, co, fused=True), x, pool))
                 fused_i = conv_i = len(runners) - 1
-                if spec.norm or spec.act:  # also the conv alone: the reference method's cost
-                    runners.append(backend.prepare(spec.build(ci, co, fused=False), x))
+                if spec.fused:  # also the conv alone: the reference method's cost
+                    runners.append(backend.prepare(spec.build(ci, co, fused=False), x, pool))
                     conv_i = len(runners) - 1
                 slots.append((fused_i, conv_i))
             timings = measure(backend, runners, protocol,
@@ -161,9 +166,7 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol = Pr
                              "n": t.samples, "cms": conv_ms})
             _append(partial, rows)
         bar.close()
-        dense_ms, dense_spread = time_model(plan.graph.model, plan.graph.input_shape, backend,
-                                            Protocol(rounds=max(7, protocol.rounds), sample_ms=50.0,
-                                                     seed=protocol.seed))
+        calibration = calibrate(plan.graph, plan.steps, backend)
         device, versions = backend.device(), backend.versions()
     table = LatencyTable(
         meta={"model": plan.model_name, "input_shape": list(plan.graph.input_shape),
@@ -175,7 +178,7 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol = Pr
               "wall_s": round(time.perf_counter() - t_start, 1)},
         layers={n: u.key for n, u in plan.units.items()},
         groups={gid: {"width": g.width, "step": plan.steps[gid]} for gid, g in plan.graph.groups.items()},
-        calibration={"dense_ms": dense_ms, "spread": dense_spread, "batch": plan.setting.batch},
+        calibration=calibration,
     )
     for key, ci, co in plan.points:
         table.add(key, specs[key], ci, co, done[(key, ci, co)])

@@ -3,9 +3,12 @@
 - A layer's latency T_l(c_in, c_out) is read from its unit's entries; between grid points it is
   linear in c_in and, in c_out, follows the staircase (the next measured c_out up, ``ceil``) or
   is linear (``linear``). A layer with no input or no output channel costs nothing.
-- Total = sum over layers (layers of an emptied residual branch drop out) + overhead, where the
-  overhead (adds, pooling, dispatch: what units do not cover) is calibrated from one end-to-end
-  measurement of the dense model: ``offset`` adds the gap in ms, ``scale`` multiplies.
+- Total = the units' sum (layers of an emptied residual branch drop out) mapped through the
+  end-to-end anchors (see ``calibration.py``): what the units miss (adds, dispatch, data evicted
+  between layers) shrinks with the network but not in proportion, so ``anchors`` (default,
+  piecewise linear through dense, half and smallest) fits better than the one-measurement
+  ``offset`` / ``scale`` or the two-point ``affine``. Marginal costs are scaled by the map's
+  local slope.
 - The marginal cost of HALP's neuron groups follows the paper (eq. 5-6): removing chunk i of a
   group with n active channels and chunk size g saves
   Σ_{l writes G} T_l(p_l, n - g i) - T_l(p_l, n - g (i+1)); ``two_sided`` also counts the c_in
@@ -20,9 +23,10 @@ import numpy as np
 from ..counting import removed_modules
 from ..graph import ChannelGraph
 from .table import LatencyTable
+from .calibration import anchor_ms, apply_knots, overhead_knots
 from .units import UnitSpec, layer_grid, model_units
 
-OVERHEAD_MODES = ("none", "offset", "scale")
+OVERHEAD_MODES = ("none", "offset", "scale", "affine", "anchors")
 COUT_MODES = ("ceil", "linear")
 
 
@@ -96,21 +100,20 @@ class CostModel:
     curves: dict[str, UnitCurve]
     layer_unit: dict[str, str]
     conv_only: bool = False
-    overhead: str = "offset"
+    overhead: str = "anchors"
     two_sided: bool = False
-    overhead_ms: float = 0.0
-    scale: float = 1.0
+    knots: tuple = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
 
     @classmethod
     def create(cls, graph: ChannelGraph, table: LatencyTable, *, conv_only: bool = False,
-               overhead: str = "offset", two_sided: bool = False, cout_mode: str = "ceil",
-               strict: bool = True, dense_ms: float | None = None) -> "CostModel":
+               overhead: str = "anchors", two_sided: bool = False, cout_mode: str = "ceil",
+               strict: bool = True, calibration: dict | None = None) -> "CostModel":
         """Check that ``table`` belongs to ``graph`` and prepare interpolation.
 
         ``conv_only`` uses the conv-alone times (the reference method); ``strict`` requires every
         grid point of the model to be in the table (an interrupted or partly merged build is not).
-        ``dense_ms`` calibrates the overhead with a fresh end-to-end measurement of the dense
-        model instead of the one stored with the table (timings drift between runs).
+        ``calibration`` replaces the anchors stored with the table by fresh ones
+        (:func:`~halp.latency.calibration.recalibrate`; timings drift between runs).
         """
         if overhead not in OVERHEAD_MODES:
             raise ValueError(f"overhead must be one of {OVERHEAD_MODES}, got {overhead!r}")
@@ -132,17 +135,14 @@ class CostModel:
         model = cls(graph, table, curves, layer_unit, conv_only, overhead, two_sided)
         if strict:
             model.check_complete()
-        if overhead != "none":
-            if dense_ms is None:
-                dense_ms = (table.calibration or {}).get("dense_ms")
-            if dense_ms is None:
-                raise ValueError("latency table has no dense end-to-end measurement to calibrate "
-                                 "the overhead; use overhead='none' or rebuild the table")
-            units_ms = model.units_ms(graph.full_widths())
-            if overhead == "offset":
-                model.overhead_ms = float(dense_ms) - units_ms
-            else:
-                model.scale = float(dense_ms) / units_ms
+        cal = calibration if calibration is not None else table.calibration
+        dense_ms = anchor_ms(cal, "dense")
+        if overhead != "none" and dense_ms is None:
+            raise ValueError("latency table has no end-to-end anchor measurements to calibrate the "
+                             "overhead; use overhead='none' or rebuild/recalibrate it (halp lut calibrate)")
+        dense = (model.units_ms(graph.full_widths()), dense_ms or 0.0)
+        pts = [(model.units_ms(a["widths"]), float(a["ms"])) for a in (cal or {}).get("anchors", [])]
+        model.knots = overhead_knots(overhead, pts, dense)
         return model
 
     def check_complete(self) -> None:
@@ -168,7 +168,7 @@ class CostModel:
 
     def total_ms(self, widths: dict[str, int]) -> float:
         """Predicted end-to-end latency at group ``widths``."""
-        return self.units_ms(widths) * self.scale + self.overhead_ms
+        return apply_knots(*self.knots, self.units_ms(widths))[0]
 
     def chunk_costs(self, gid: str, widths: dict[str, int], chunk: int) -> np.ndarray:
         """Latency saved by each chunk of group ``gid`` (index 0 = removed first), given the
@@ -191,7 +191,7 @@ class CostModel:
                 curve = self.curves[self.layer_unit[name]]
                 cout = io[name][1]
                 cost += np.array([curve.at(h, cout) - curve.at(low, cout) for h, low in zip(hi, lo)])
-        return cost * self.scale
+        return cost * apply_knots(*self.knots, self.units_ms(widths))[1]
 
 
 def match_layers(graph: ChannelGraph, table: LatencyTable) -> dict[str, str]:

@@ -38,8 +38,8 @@ class Entry:
     conv_ms: float | None = None
 
     def to_row(self, cin: int, cout: int) -> list:
-        return [cin, cout, round(self.ms, 6), round(self.spread, 5), self.samples,
-                None if self.conv_ms is None else round(self.conv_ms, 6)]
+        # full float precision: an imported reference table must export back unchanged
+        return [cin, cout, self.ms, round(self.spread, 5), self.samples, self.conv_ms]
 
 
 @dataclass
@@ -130,7 +130,7 @@ class LatencyTable:
             if u.kernel[0] != u.kernel[1] or u.stride[0] != u.stride[1] or u.input_hw[0] != u.input_hw[1]:
                 continue  # the reference key has one number each for kernel, stride and fmap
             for (cin, cout), e in rows.items():
-                ms = e.conv_ms if e.conv_ms is not None else (e.ms if not (u.norm or u.act) else None)
+                ms = e.conv_ms if e.conv_ms is not None else (e.ms if not u.fused else None)
                 if ms is None:
                     continue
                 ref = f"{batch}_{cin}_{cout}_{u.input_hw[0]}_{u.kernel[0]}_{u.stride[0]}_{cin if u.depthwise else 1}"

@@ -1,8 +1,9 @@
 """The units a latency table measures, and the (c_in, c_out) points each can reach.
 
-A *unit* is what really runs for one conv layer: the conv, plus the BatchNorm and activation that
-directly follow it in execution order (measured together, as the device runs them). Linear layers
-are units too. A unit's ``UnitSpec`` holds everything but the two widths, so layers with the same
+A *unit* is what really runs for one conv layer: the conv, plus the BatchNorm, activation and
+pooling layer that directly follow it in execution order (measured together, as the device runs
+them; a ResNet's stem max-pool alone costs several ms on a CPU and scales with the stem's width).
+Linear layers are units too. A unit's ``UnitSpec`` holds everything but the two widths, so layers with the same
 geometry share measurements.
 """
 from __future__ import annotations
@@ -17,6 +18,25 @@ from ..graph import ChannelGraph, LayerInfo
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.Sigmoid,
                nn.Hardsigmoid, nn.Mish, nn.ELU, nn.Tanh)
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def pool_code(m: nn.Module) -> str:
+    """A pooling layer as a short string, e.g. ``MaxPool2d:3:2:1`` or ``AdaptiveAvgPool2d:1``."""
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        size = m.output_size if isinstance(m.output_size, int) else "x".join(map(str, m.output_size))
+        return f"{type(m).__name__}:{size}"
+    k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding))
+    return f"{type(m).__name__}:{k}:{s}:{p}"
+
+
+def pool_module(code: str) -> nn.Module:
+    kind, *args = code.split(":")
+    if kind.startswith("Adaptive"):
+        size = tuple(int(v) for v in args[0].split("x"))
+        return getattr(nn, kind)(size[0] if len(size) == 1 else size)
+    k, s, p = (int(v) for v in args)
+    return getattr(nn, kind)(k, s, p)
 
 
 @dataclass(frozen=True)
@@ -33,6 +53,7 @@ class UnitSpec:
     input_hw: tuple[int, int] = (1, 1)
     norm: bool = False
     act: str | None = None
+    pool: str | None = None
 
     @property
     def key(self) -> str:
@@ -51,6 +72,8 @@ class UnitSpec:
             parts.append("bn")
         if self.act:
             parts.append(self.act)
+        if self.pool:
+            parts.append(self.pool.replace(":", "-"))
         return "_".join(parts)
 
     def to_dict(self) -> dict:
@@ -81,7 +104,14 @@ class UnitSpec:
             layers.append(bn)
         if fused and self.act:
             layers.append(getattr(nn, self.act)())
+        if fused and self.pool:
+            layers.append(pool_module(self.pool))
         return nn.Sequential(*layers).eval()
+
+    @property
+    def fused(self) -> bool:
+        """Whether the unit is more than the conv alone."""
+        return bool(self.norm or self.act or self.pool)
 
     def example_input(self, batch: int, cin: int) -> torch.Tensor:
         if self.kind == "linear":
@@ -92,7 +122,7 @@ class UnitSpec:
 def _execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[nn.Module]:
     """Convs, linears, BNs and activations in the order a forward calls them."""
     order: list[nn.Module] = []
-    kinds = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + ACTIVATIONS
+    kinds = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + ACTIVATIONS + POOLS
     hooks = [m.register_forward_pre_hook(lambda mod, inp: order.append(mod))
              for m in model.modules() if isinstance(m, kinds)]
     was_training = model.training
@@ -109,30 +139,31 @@ def _execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[nn.
 def model_units(graph: ChannelGraph) -> dict[str, UnitSpec]:
     """The unit of every conv/linear layer of ``graph`` (BN and activation detected by order)."""
     order = _execution_order(graph.model, graph.input_shape)
-    follows: dict[int, tuple[bool, str | None]] = {}
+    follows: dict[int, tuple[bool, str | None, str | None]] = {}
     for i, mod in enumerate(order):
         if not isinstance(mod, nn.Conv2d) or id(mod) in follows:
             continue
-        norm, act = False, None
+        norm, act, pool = False, None, None
         j = i + 1
         if j < len(order) and isinstance(order[j], nn.modules.batchnorm._BatchNorm) \
                 and order[j].num_features == mod.out_channels:
             norm, j = True, j + 1
         if j < len(order) and isinstance(order[j], ACTIVATIONS):
-            act = type(order[j]).__name__
-        follows[id(mod)] = (norm, act)
+            act, j = type(order[j]).__name__, j + 1
+        if j < len(order) and isinstance(order[j], POOLS):
+            pool = pool_code(order[j])
+        follows[id(mod)] = (norm, act, pool)
     units = {}
     for name, li in graph.layers.items():
-        norm, act = follows.get(id(graph.module(name)), (False, None))
-        units[name] = unit_of(li, norm, act)
+        units[name] = unit_of(li, *follows.get(id(graph.module(name)), (False, None, None)))
     return units
 
 
-def unit_of(li: LayerInfo, norm: bool = False, act: str | None = None) -> UnitSpec:
+def unit_of(li: LayerInfo, norm: bool = False, act: str | None = None, pool: str | None = None) -> UnitSpec:
     if li.kind == "linear":
         return UnitSpec("linear", bias=li.bias)
     return UnitSpec("conv", li.kernel, li.stride, li.padding, li.dilation, li.depthwise, li.bias,
-                    li.input_hw, norm, act)
+                    li.input_hw, norm, act, pool)
 
 
 def reachable_widths(width: int, step: int) -> list[int]:
@@ -141,6 +172,11 @@ def reachable_widths(width: int, step: int) -> list[int]:
     if step < 1:
         raise ValueError(f"step must be a positive number of channels, got {step}")
     return sorted(range(width, 0, -step))
+
+
+def smallest_widths(graph: ChannelGraph, steps: dict[str, int]) -> dict[str, int]:
+    """Every group at the smallest width its grid reaches."""
+    return {gid: reachable_widths(g.width, steps[gid])[0] for gid, g in graph.groups.items()}
 
 
 def layer_grid(graph: ChannelGraph, name: str, steps: dict[str, int]) -> list[tuple[int, int]]:

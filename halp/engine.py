@@ -1,0 +1,219 @@
+"""A plain classification training loop with HALP's hooks, checkpoints and exact resume.
+
+SGD with momentum, cosine learning rate per iteration after a linear warm-up, label smoothing,
+weight decay only on conv/linear weights (BatchNorm parameters and biases are found by module
+type, not by name), optional bfloat16 autocast on the CPU. The data order of epoch e is a
+permutation drawn from ``seed`` and ``e``, and a dataset with a ``reseed(int)`` method (our
+augmenting in-memory datasets) is reseeded from (seed, epoch, batch) before every batch; a
+checkpoint stores the position and the global RNG state, so a resumed run continues with exactly
+the batches and random numbers it would have had.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
+
+from .fileio import atomic_write
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = False
+    threads: int = 2
+    seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    max_iters_per_epoch: int | None = None
+    checkpoint_every: int = 0  # iterations; 0 = only at epoch ends and pruning steps
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.threads < 1:
+            raise ValueError("epochs, lr, batch_size and threads must be positive")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay conv/linear weights only; BN parameters and every bias get no weight decay."""
+    decay, no_decay, seen = [], [], set()
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            is_norm = isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+            (no_decay if is_norm or name == "bias" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(cfg: TrainConfig, iteration: int, total: int, per_epoch: int) -> float:
+    warm = int(cfg.warmup_epochs * per_epoch)
+    if iteration < warm:
+        return cfg.lr * (iteration + 1) / warm
+    progress = (iteration - warm) / max(1, total - warm)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512, progress: bool = False) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean loss on ``dataset``."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss = 0.0
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", leave=False, disable=not progress):
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(1).sum())
+        total += len(y)
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
+
+
+def _reseed(dataset: Dataset, seed: int) -> None:
+    """Reseed the augmentation of ``dataset`` (or of the dataset a Subset wraps), if it has one."""
+    while dataset is not None:
+        if hasattr(dataset, "reseed"):
+            dataset.reseed(seed)
+            return
+        dataset = getattr(dataset, "dataset", None)
+
+
+def _fetch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
+    return default_collate(items)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    batch: int = 0  # batches done in the current epoch
+    iteration: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    prune_seconds: float = 0.0
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set``; ``pruner`` (optional) gets HALP's two hooks."""
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
+                 pruner=None, checkpoint: str | os.PathLike | None = None, progress: bool = True,
+                 on_prune: Callable | None = None) -> None:
+        self.model, self.train_set, self.val_set, self.cfg = model, train_set, val_set, cfg
+        self.pruner = pruner
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.progress = progress
+        self.on_prune = on_prune
+        self.optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov)
+        self.per_epoch = len(train_set) // cfg.batch_size
+        if cfg.max_iters_per_epoch:
+            self.per_epoch = min(self.per_epoch, cfg.max_iters_per_epoch)
+        if self.per_epoch < 1:
+            raise ValueError(f"training set of {len(train_set)} samples gives no batch of {cfg.batch_size}")
+        self.total = int(round(cfg.epochs * self.per_epoch))
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        blob = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "state": asdict(self.state), "rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                "pruner": self.pruner.state_dict() if self.pruner is not None else None}
+        atomic_write(self.checkpoint, lambda tmp: torch.save(blob, tmp))
+
+    def try_resume(self) -> bool:
+        """Continue from ``checkpoint`` if it exists. Returns whether it did."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return False
+        blob = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        if blob["config"] != asdict(self.cfg):
+            raise ValueError(f"checkpoint {self.checkpoint} was made with other training settings; "
+                             "delete it or rerun with the same config")
+        self.model.load_state_dict(blob["model"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.state = TrainState(**blob["state"])
+        torch.set_rng_state(blob["rng"])
+        if self.pruner is not None and blob["pruner"] is not None:
+            self.pruner.load_state_dict(blob["pruner"])
+            self.pruner.applier.apply()
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _order(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_set), generator=g).tolist()
+        bs = self.cfg.batch_size
+        return [perm[i * bs:(i + 1) * bs] for i in range(self.per_epoch)]
+
+    def fit(self) -> TrainState:
+        torch.set_num_threads(self.cfg.threads)
+        st = self.state
+        epochs = math.ceil(self.total / self.per_epoch)
+        while st.iteration < self.total:
+            order = self._order(st.epoch)
+            todo = range(st.batch, min(len(order), st.batch + self.total - st.iteration))
+            bar = tqdm(todo, desc=f"epoch {st.epoch + 1}/{epochs}", disable=not self.progress, leave=False)
+            self.model.train()
+            t0 = time.perf_counter()
+            for b in bar:
+                _reseed(self.train_set, (self.cfg.seed * 1_000_003 + st.epoch) * 100_003 + b)
+                x, y = _fetch(self.train_set, order[b])
+                self._train_step(x, y, bar)
+                if self.cfg.checkpoint_every and st.iteration % self.cfg.checkpoint_every == 0:
+                    self.save()
+            st.train_seconds += time.perf_counter() - t0
+            st.epoch += 1
+            st.batch = 0
+            metrics = evaluate(self.model, self.val_set, self.cfg.eval_batch_size)
+            st.history.append({"epoch": st.epoch, "iteration": st.iteration, **metrics})
+            if self.progress:
+                tqdm.write(f"epoch {st.epoch}: top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}")
+            self.save()
+        return st
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, bar) -> None:
+        st = self.state
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, st.iteration, self.total, self.per_epoch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
+            out = self.model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {float(loss)} at epoch {st.epoch + 1}, iteration "
+                                     f"{st.iteration} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}"
+                                     " too high?); nothing was written for this run")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t0 = time.perf_counter()
+        if self.pruner is not None:
+            self.pruner.after_backward()
+        st.prune_seconds += time.perf_counter() - t0
+        self.optimizer.step()
+        t0 = time.perf_counter()
+        entry = self.pruner.after_step(self.optimizer) if self.pruner is not None else None
+        st.prune_seconds += time.perf_counter() - t0
+        st.iteration += 1
+        st.batch += 1
+        if entry is not None:
+            if self.on_prune:
+                self.on_prune(entry)
+            self.save()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

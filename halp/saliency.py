@@ -1,0 +1,131 @@
+"""Channel importance per channel group (HALP.md §2).
+
+``taylor_bn`` (HALP): per minibatch, after backward, for channel c of group G
+    s_c = | Σ_{BN in G} (γ_c ∂L/∂γ_c + β_c ∂L/∂β_c) |
+(the sum over coupled BNs is taken before the absolute value). A group without BatchNorm uses the
+weight form | Σ_{layers writing G} Σ w ⊙ ∂L/∂w | over each channel's filter. Scores are summed
+every iteration and averaged over the interval; iterations whose scores are not finite are
+skipped. ``taylor_bn_sq`` squares instead of taking the absolute value (Molchanov et al. 2019).
+``l1`` / ``l2`` are filter norms (no gradients): the sum over the group's writing layers, or only
+the first writer with ``reduce="first"`` (Li et al. 2017's criterion for coupled layers).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from .graph import ChannelGraph, ChannelGroup
+
+
+class SaliencyKind(str, Enum):
+    TAYLOR_BN = "taylor_bn"
+    TAYLOR_BN_SQ = "taylor_bn_sq"
+    L1 = "l1"
+    L2 = "l2"
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self in (SaliencyKind.TAYLOR_BN, SaliencyKind.TAYLOR_BN_SQ)
+
+
+def _norm_sum(graph: ChannelGraph, g: ChannelGroup) -> torch.Tensor:
+    """Σ over the group's BNs of γ·∂γ + β·∂β per group channel."""
+    total = torch.zeros(g.width, dtype=torch.float64)
+    for mem in g.members:
+        if mem.role != "norm":
+            continue
+        bn = graph.module(mem.layer)
+        contrib = torch.zeros(bn.num_features, dtype=torch.float64)
+        for p in (bn.weight, bn.bias):
+            if p is not None and p.grad is not None:
+                contrib += (p.detach() * p.grad.detach()).double().cpu()
+        total.index_add_(0, mem.channels, contrib[mem.positions])
+    return total
+
+
+def _weight_sum(graph: ChannelGraph, g: ChannelGroup) -> torch.Tensor:
+    """Σ over the group's writing layers of Σ_filter w·∂w (+ bias) per group channel."""
+    total = torch.zeros(g.width, dtype=torch.float64)
+    for mem in g.members:
+        if mem.role != "out":
+            continue
+        layer = graph.module(mem.layer)
+        per_out = torch.zeros(layer.weight.shape[0], dtype=torch.float64)
+        for p in (layer.weight, layer.bias):
+            if p is not None and p.grad is not None:
+                prod = (p.detach() * p.grad.detach()).double().cpu()
+                per_out += prod.flatten(1).sum(1) if prod.dim() > 1 else prod
+        total.index_add_(0, mem.channels, per_out[mem.positions])
+    return total
+
+
+def filter_norms(graph: ChannelGraph, g: ChannelGroup, p: int = 1, reduce: str = "sum") -> torch.Tensor:
+    """L1/L2 norm of each channel's filters over the group's writing layers (``reduce``: sum or
+    first = only the first writer)."""
+    if reduce not in ("sum", "first"):
+        raise ValueError(f"reduce must be 'sum' or 'first', got {reduce!r}")
+    total = torch.zeros(g.width, dtype=torch.float64)
+    outs = [m for m in g.members if m.role == "out"]
+    if reduce == "first":
+        outs = [m for m in outs if m.layer == g.out_layers[0]]
+    for mem in outs:
+        w = graph.module(mem.layer).weight.detach().double().flatten(1).cpu()
+        norms = w.abs().sum(1) if p == 1 else w.pow(2).sum(1)
+        total.index_add_(0, mem.channels, norms[mem.positions])
+    return total if p == 1 else total.sqrt()
+
+
+class Saliency:
+    """Accumulates per-channel scores of ``groups`` between pruning steps."""
+
+    def __init__(self, graph: ChannelGraph, groups: list[ChannelGroup], kind: SaliencyKind | str =
+                 SaliencyKind.TAYLOR_BN, reduce: str = "sum") -> None:
+        self.graph = graph
+        self.groups = list(groups)
+        self.kind = SaliencyKind(kind)
+        self.reduce = reduce
+        self.sums = {g.id: torch.zeros(g.width, dtype=torch.float64) for g in self.groups}
+        self.count = 0
+        self.skipped = 0
+
+    def accumulate(self) -> bool:
+        """Add this iteration's scores (call after backward). Returns False if skipped (NaN/Inf)."""
+        if not self.kind.needs_gradients:
+            return True
+        step = {}
+        for g in self.groups:
+            raw = _norm_sum(self.graph, g) if g.norms else _weight_sum(self.graph, g)
+            step[g.id] = raw.abs() if self.kind is SaliencyKind.TAYLOR_BN else raw.pow(2)
+        if not all(bool(torch.isfinite(v).all()) for v in step.values()):
+            self.skipped += 1
+            return False
+        for gid, v in step.items():
+            self.sums[gid] += v
+        self.count += 1
+        return True
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Mean score per channel since the last reset (filter norms for ``l1``/``l2``)."""
+        if not self.kind.needs_gradients:
+            p = 1 if self.kind is SaliencyKind.L1 else 2
+            return {g.id: filter_norms(self.graph, g, p, self.reduce) for g in self.groups}
+        if self.count == 0:
+            raise RuntimeError("no finite saliency was accumulated since the last pruning step "
+                               "(every iteration had NaN/Inf gradients?)")
+        return {gid: s / self.count for gid, s in self.sums.items()}
+
+    def reset(self) -> None:
+        for s in self.sums.values():
+            s.zero_()
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.clone() for k, v in self.sums.items()}, "count": self.count,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state["sums"].items():
+            self.sums[k].copy_(v)
+        self.count = int(state["count"])
+        self.skipped = int(state.get("skipped", 0))

@@ -1,0 +1,90 @@
+"""The main job end to end at toy scale, its Hydra app, and its bad-input messages."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.job import JobConfig, LatencyConfig, ModelConfig, run_job
+from halp.data import DataConfig
+from halp.engine import TrainConfig
+from halp.pruner import PruneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path: Path, **over) -> JobConfig:
+    cfg = JobConfig(
+        model=ModelConfig("halp:resnet20", width=0.5),
+        data=DataConfig(name="synthetic", synthetic_samples=192, synthetic_shape=(1, 12, 12), synthetic_classes=4),
+        dense=TrainConfig(epochs=1, lr=0.05, batch_size=32, threads=1),
+        finetune=TrainConfig(epochs=2, lr=0.02, batch_size=32, threads=1),
+        prune=PruneConfig(target_ratio=0.6, interval=2, steps=3, chunk=4),
+        latency=LatencyConfig(batch=2, step=4, rounds=1),
+        cache_dir=str(tmp_path / "cache"), progress=False, measure_rounds=3)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
+    r = run_job(tiny(tmp_path), tmp_path / "run")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"result.json", "masks.json", "slim.pt"} <= files and "checkpoint.pt" not in files
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["pruned"]["widths"] == r["pruned"]["widths"]
+    assert len(r["prune_log"]) == 3
+    assert r["pruned"]["predicted_ms"] <= r["pruned"]["target_predicted_ms"] * (1 + 1e-9)
+    assert r["pruned"]["macs"] < r["dense"]["macs"] and r["pruned"]["params"] < r["dense"]["params"]
+    assert r["dense"]["latency_ms"] > 0 and r["pruned"]["latency_ms"] > 0
+    assert 0 <= r["pruned"]["top1"] <= 100
+    # a second job with another target reuses the dense model and the latency table
+    r2 = run_job(tiny(tmp_path, prune=PruneConfig(target_ratio=0.8, interval=2, steps=3, chunk=4)), tmp_path / "run2")
+    assert r2["wall_seconds"]["dense_train"] == 0.0 and r2["wall_seconds"]["lut_build"] == 0.0
+    assert r2["dense"]["top1"] == r["dense"]["top1"]
+    assert r2["pruned"]["predicted_ms"] >= r["pruned"]["predicted_ms"]
+
+
+def test_bad_inputs_stop_before_any_result(tmp_path):
+    with pytest.raises(ValueError, match="latency floor"):
+        run_job(tiny(tmp_path, prune=PruneConfig(target_ratio=0.02, interval=2, steps=3, chunk=4)), tmp_path / "a")
+    assert not (tmp_path / "a" / "result.json").exists()
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        run_job(tiny(tmp_path, data=DataConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"))), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    other = tiny(tmp_path, model=ModelConfig("halp:mobilenetv2", width=0.5))
+    other.cache_dir = str(tmp_path / "cache2")
+    run_job(other, tmp_path / "c")  # builds a mobilenet table
+    table = next((tmp_path / "cache2" / "luts").glob("*.json"))
+    wrong = tiny(tmp_path, latency=LatencyConfig(batch=2, step=4, rounds=1, table=str(table)))
+    with pytest.raises(ValueError, match="built for halp:mobilenetv2"):
+        run_job(wrong, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(FloatingPointError, match="loss became"):
+        run_job(tiny(tmp_path, finetune=TrainConfig(epochs=1, lr=1e30, batch_size=32, threads=1)), tmp_path / "e")
+    assert not (tmp_path / "e" / "result.json").exists()
+
+
+def hydra(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"})
+
+
+def test_hydra_app_config_validation(tmp_path):
+    out = hydra("--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0 and "target_ratio: 0.5" in out.stdout and "halp:resnet20" in out.stdout
+    preset = hydra("+preset=resnet50_imagenet", "--cfg", "job", cwd=tmp_path)
+    assert preset.returncode == 0 and "interval: 40" in preset.stdout and "torchvision:resnet50" in preset.stdout
+    typo = hydra("prune.taget_ratio=0.3", cwd=tmp_path)
+    assert typo.returncode != 0 and "taget_ratio" in typo.stderr
+    wrong_type = hydra("prune.steps=many", cwd=tmp_path)
+    assert wrong_type.returncode != 0 and "steps" in wrong_type.stderr
+    over = hydra("prune.target_ratio=1.5", cwd=tmp_path)
+    assert over.returncode != 0 and "target ratio must be in (0, 1]" in over.stderr
+    assert not list(tmp_path.glob("runs/*/result.json"))
+    helped = hydra("--help", cwd=tmp_path)
+    assert "halp-run" in helped.stdout and "result.json" in helped.stdout
