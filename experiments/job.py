@@ -121,7 +121,7 @@ def dense_model(cfg: JobConfig, splits: "Splits", cache: Path) -> tuple[torch.nn
     return model, metrics | {"train_seconds": st.train_seconds}
 
 
-def latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> tuple[LatencyTable, Path, float]:
+def latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> tuple[LatencyTable, Path, float, bool]:
     """Build the table for this model and setting, or reuse it (then re-measure its anchors)."""
     setting = cfg.latency.setting()
     backend = get_backend(setting)
@@ -140,13 +140,13 @@ def latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> tuple[Lat
             t0 = time.perf_counter()
             plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step)
             table = build_table(plan, path, Protocol(rounds=cfg.latency.rounds), progress=cfg.progress)
-            return table, path, time.perf_counter() - t0
+            return table, path, time.perf_counter() - t0, False
     table.check_setting({**setting.__dict__, "memory_format": setting.memory_format}, backend.device()["name"],
                         allow_mismatch=cfg.latency.allow_mismatch)
     _say(cfg, f"latency table reused from {path}; re-measuring its end-to-end anchors")
     t0 = time.perf_counter()
     table.calibration = recalibrate(graph, table, setting)  # timings drift between runs
-    return table, path, time.perf_counter() - t0
+    return table, path, time.perf_counter() - t0, True
 
 
 def measure_latency(cfg: JobConfig, models: list[torch.nn.Module], shape: tuple[int, ...]) -> list:
@@ -172,7 +172,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict:
     splits = Splits(train, val, info.num_classes, info.input_shape)
     model, dense_metrics = dense_model(cfg, splits, cache)
     graph = ChannelGraph.build(model, splits.input_shape)
-    table, lut_path, lut_seconds = latency_table(cfg, graph, cache)
+    table, lut_path, lut_seconds, lut_reused = latency_table(cfg, graph, cache)
     cost = CostModel.create(graph, table, overhead=cfg.latency.overhead)
     sizes = chunk_sizes(graph, table, cost=cost) if cfg.prune.chunk == "auto" else None
     pruner = HalpPruner(graph, cost, cfg.prune, sizes)  # checks the target is feasible
@@ -204,6 +204,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict:
         "method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.name, "seed": cfg.seed,
         "target_ratio": cfg.prune.target_ratio, "git_commit": git_commit(),
         "config": asdict(cfg), "lut": {"path": str(lut_path), "created": table.meta.get("created"),
+                                       "reused": lut_reused, "anchors": table.calibration["anchors"],
                                        "setting": table.meta.get("setting"), "device": table.meta.get("device")},
         "dense": {"top1": dense_metrics["top1"], "top5": dense_metrics["top5"],
                   "latency_ms": dense_t.ms, "latency_spread": dense_t.spread,

@@ -23,7 +23,7 @@ def tiny(tmp_path: Path, **over) -> JobConfig:
         data=DataConfig(name="synthetic", synthetic_samples=192, synthetic_shape=(1, 12, 12), synthetic_classes=4),
         dense=TrainConfig(epochs=1, lr=0.05, batch_size=32, threads=1),
         finetune=TrainConfig(epochs=2, lr=0.02, batch_size=32, threads=1),
-        prune=PruneConfig(target_ratio=0.6, interval=2, steps=3, chunk=4),
+        prune=PruneConfig(target_ratio=0.95, interval=2, steps=3, chunk=4),  # tiny nets are mostly overhead
         latency=LatencyConfig(batch=2, step=4, rounds=1),
         cache_dir=str(tmp_path / "cache"), progress=False, measure_rounds=3)
     for k, v in over.items():
@@ -43,10 +43,12 @@ def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
     assert r["dense"]["latency_ms"] > 0 and r["pruned"]["latency_ms"] > 0
     assert 0 <= r["pruned"]["top1"] <= 100
     # a second job with another target reuses the dense model and the latency table
-    r2 = run_job(tiny(tmp_path, prune=PruneConfig(target_ratio=0.8, interval=2, steps=3, chunk=4)), tmp_path / "run2")
-    assert r2["wall_seconds"]["dense_train"] == 0.0 and r2["wall_seconds"]["lut_build"] == 0.0
+    r2 = run_job(tiny(tmp_path, prune=PruneConfig(target_ratio=0.98, interval=2, steps=3, chunk=4)), tmp_path / "run2")
+    assert r2["wall_seconds"]["dense_train"] == 0.0 and r2["lut"]["reused"] and not r["lut"]["reused"]
     assert r2["dense"]["top1"] == r["dense"]["top1"]
-    assert r2["pruned"]["predicted_ms"] >= r["pruned"]["predicted_ms"]
+    # (anchors are re-measured for the second job, so compare fractions of the dense prediction)
+    frac = [x["pruned"]["predicted_ms"] / x["dense"]["predicted_ms"] for x in (r, r2)]
+    assert frac[0] <= 0.95 + 1e-9 and frac[1] <= 0.98 + 1e-9 and frac[1] >= frac[0] - 0.02
 
 
 def test_bad_inputs_stop_before_any_result(tmp_path):
