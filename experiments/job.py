@@ -7,6 +7,7 @@ record is written once, atomically, at the end.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from halp.counting import count
 from halp.data import DataConfig, build_datasets
@@ -49,20 +51,18 @@ class ModelConfig:
 
 
 @dataclass
-class LatencyConfig:
-    backend: str = "torch"
+class LatencyConfig(Setting):
+    """The deployment setting (backend, batch, threads, ...) plus how to get its table."""
+
     batch: int = 32
-    threads: int = 1
-    channels_last: bool = False
     step: int = 8
     rounds: int = 5
-    overhead: str = "affine"
+    overhead: str = "anchors"
     table: str | None = None  # an existing table file; default: build or reuse one in the cache
     allow_mismatch: bool = False
 
     def setting(self) -> Setting:
-        return Setting(backend=self.backend, batch=self.batch, threads=self.threads,
-                       channels_last=self.channels_last)
+        return Setting(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Setting)})
 
 
 @dataclass
@@ -95,7 +95,7 @@ def git_commit() -> str | None:
 
 def _say(cfg: JobConfig, msg: str) -> None:
     if cfg.progress:
-        print(f"[halp] {msg}", flush=True)
+        tqdm.write(f"[halp] {msg}")
 
 
 def dense_model(cfg: JobConfig, splits: "Splits", cache: Path) -> tuple[torch.nn.Module, dict]:

@@ -205,6 +205,8 @@ class HalpPruner:
         fixed = self.cost.total_ms(widths) - items_cost  # latency not decided by this step
         budget = target - fixed
         keep = dict(self.masks)
+        floor = sum(_cheapest(it) for it in items)  # every group at its minimum: the solver's floor
+        budget = max(budget, floor)  # an unreachable step target: go as low as allowed
         resolves = 0
         for resolves in range(self.cfg.max_resolve + 1):
             sol = self.solver.solve(items, budget)
@@ -216,9 +218,10 @@ class HalpPruner:
                 new_keep[gid] = m
             new_widths = {gid: int(m.sum()) for gid, m in new_keep.items()}
             predicted = self.cost.total_ms(new_widths)
-            if predicted <= target * (1 + 1e-9):
+            if predicted <= target * (1 + 1e-9) or budget <= floor:
                 break
-            budget -= predicted - target  # the per-group prices missed cross-group effects
+            # the per-group prices missed cross-group effects: tighten the budget by the excess
+            budget = max(floor, budget - (predicted - target))
         removed = sum(int(keep[g].sum()) - w for g, w in new_widths.items())
         self.masks = ChannelMasks(new_keep)
         self.applier = MaskApplier(self.graph, self.masks)
@@ -247,3 +250,9 @@ class HalpPruner:
         self.log = [StepLog(**e) for e in state["log"]]
         self.chunks = dict(state["chunks"])
         self.dense_ms = float(state["dense_ms"])
+
+
+def _cheapest(items: GroupItems) -> float:
+    """Lowest cumulative cost a group may take (it keeps at least ``min_keep`` chunks)."""
+    cum = np.concatenate([[0.0], np.cumsum(items.costs)])
+    return float(cum[items.min_keep:].min())
