@@ -19,7 +19,7 @@ from halp.latency import build as build_mod
 from halp.latency.backends import Backend, Setting
 from halp.latency.build import build_table, parse_shard, plan_build
 from halp.latency.cost import CostModel, UnitCurve
-from halp.latency.quality import chunk_sizes, monotonicity_violations
+from halp.latency.quality import chunk_sizes, monotonicity_violations, smooth_monotone
 from halp.latency.table import Entry, LatencyTable, from_reference, load_reference, merge
 from halp.latency.timing import Protocol
 from halp.latency.units import UnitSpec, model_units, reachable_widths
@@ -194,6 +194,28 @@ def test_monotonicity_report_finds_the_cliff():
         t.add(spec.key, spec, 16, co, Entry(ms, spread=0.01))
     v = monotonicity_violations(t)
     assert len(v) == 1 and v[0]["c_out"] == (32, 48) and v[0]["drop_pct"] == pytest.approx(40)
+
+
+def test_monotone_smoothing_is_isotonic():
+    spec = UnitSpec("conv", (3, 3), (1, 1), (1, 1), input_hw=(8, 8))
+    t = LatencyTable(meta={})
+    for co, ms in ((16, 1.0), (32, 2.0), (48, 1.2), (64, 3.0), (80, 2.9)):
+        t.add(spec.key, spec, 16, co, Entry(ms, spread=0.01, samples=5))
+    t.add(spec.key, spec, 32, 16, Entry(5.0, samples=5))  # another row, already monotone
+    assert smooth_monotone(t) == 4
+    row = [t.entries[spec.key][(16, co)].ms for co in (16, 32, 48, 64, 80)]
+    assert row == pytest.approx([1.0, 1.6, 1.6, 2.95, 2.95])  # pooled means of the violators
+    assert t.entries[spec.key][(32, 16)].ms == 5.0
+    assert monotonicity_violations(t) == []
+
+
+def test_onnxruntime_backend_builds_a_table(graph, tmp_path):
+    pytest.importorskip("onnxruntime")
+    plan = plan_build(graph, "halp:resnet20", Setting(backend="onnxruntime", batch=2), step=16)
+    table = build_table(plan, tmp_path / "ort.json", Protocol(rounds=1), progress=False)
+    assert table.meta["setting"]["backend"] == "onnxruntime" and "onnxruntime" in table.meta["versions"]
+    assert all(e.ms > 0 for v in table.entries.values() for e in v.values())
+    CostModel.create(graph, table)
 
 
 def test_chunk_sizes_follow_the_staircase(graph):

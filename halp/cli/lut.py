@@ -11,7 +11,7 @@ from ..latency.backends import Setting, cpu_name, get_backend
 from ..latency.build import build_table, parse_shard, plan_build
 from ..latency.calibration import anchor_ms, recalibrate
 from ..latency.cost import CostModel
-from ..latency.quality import chunk_sizes, monotonicity_violations, noise_summary
+from ..latency.quality import chunk_sizes, monotonicity_violations, noise_summary, smooth_monotone
 from ..latency.table import LatencyTable, load_reference, merge
 from ..latency.timing import Protocol
 from ..latency.validate import format_validation, validate
@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--shard", default=None, metavar="i/n", help="measure only the i-th of n disjoint parts")
     b.add_argument("--rounds", type=int, default=5, help="timed samples per point (default 5)")
     b.add_argument("--no-resume", action="store_true", help="discard an existing partial build")
+    b.add_argument("--monotone", choices=("report", "enforce"), default="report",
+                   help="report (default) points where more channels cost less, or enforce "
+                        "monotone rows by isotonic regression (hides real cliffs)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
@@ -146,6 +149,11 @@ def run_build(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     noise = noise_summary(table)
     viol = monotonicity_violations(table)
+    if args.monotone == "enforce" and viol:
+        changed = smooth_monotone(table)
+        table.meta["monotone"] = "enforced"
+        table.save(out)
+        print(f"monotone rows enforced: {changed} entries changed")
     print(f"built in {time.perf_counter() - t0:.0f}s: {noise['points']} points, median spread "
           f"{noise['median_spread']:.1%} (p90 {noise['p90_spread']:.1%}), {noise['remeasured']} re-measured, "
           f"{len(viol)} monotonicity violations; dense model {anchor_ms(table.calibration, 'dense'):.3f} ms")

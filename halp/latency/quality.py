@@ -5,7 +5,7 @@ import numpy as np
 
 from ..graph import ChannelGraph
 from .cost import CostModel
-from .table import LatencyTable
+from .table import Entry, LatencyTable
 from .units import reachable_widths
 
 
@@ -71,3 +71,40 @@ def chunk_sizes(graph: ChannelGraph, table: LatencyTable, tol: float = 0.05,
             m *= 2
         out[gid] = best * step
     return out
+
+
+def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    vals, wts, counts = [], [], []
+    for yi, wi in zip(y, w):
+        vals.append(yi)
+        wts.append(wi)
+        counts.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            v2, w2, c2 = vals.pop(), wts.pop(), counts.pop()
+            v1, w1, c1 = vals.pop(), wts.pop(), counts.pop()
+            vals.append((v1 * w1 + v2 * w2) / (w1 + w2))
+            wts.append(w1 + w2)
+            counts.append(c1 + c2)
+    return np.repeat(vals, counts)
+
+
+def smooth_monotone(table: LatencyTable) -> int:
+    """Make every (unit, c_in) row non-decreasing in c_out, in place (isotonic regression, each
+    point weighted by its number of samples); returns how many entries changed.
+
+    Off by default (``halp lut build --monotone enforce``): real cliffs are information the
+    knapsack can use, and smoothing hides them."""
+    changed = 0
+    for rows in table.entries.values():
+        by_cin: dict[int, list[tuple[int, Entry]]] = {}
+        for (ci, co), e in rows.items():
+            by_cin.setdefault(ci, []).append((co, e))
+        for pts in by_cin.values():
+            pts.sort(key=lambda p: p[0])
+            fit = _isotonic(np.array([e.ms for _, e in pts]), np.array([max(e.samples, 1) for _, e in pts], float))
+            for (_, e), v in zip(pts, fit):
+                if abs(e.ms - v) > 1e-12:
+                    e.ms = float(v)
+                    changed += 1
+    return changed
