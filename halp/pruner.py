@@ -27,7 +27,7 @@ from .graph import ChannelGraph, ChannelGroup
 from .latency.cost import CostModel
 from .masks import ChannelMasks, MaskApplier
 from .saliency import Saliency, SaliencyKind
-from .solver import GroupItems, get_solver
+from .solver import GroupItems, InfeasibleTarget, get_solver
 
 
 @dataclass
@@ -209,7 +209,11 @@ class HalpPruner:
         budget = max(budget, floor)  # an unreachable step target: go as low as allowed
         resolves = 0
         for resolves in range(self.cfg.max_resolve + 1):
-            sol = self.solver.solve(items, budget)
+            try:
+                sol = self.solver.solve(items, budget)
+            except InfeasibleTarget as e:  # our floor and the solver's differ in the last bits
+                budget = float(np.nextafter(e.floor, np.inf))
+                sol = self.solver.solve(items, budget)
             new_keep = dict(keep)
             for gid, k in sol.keep.items():
                 m = torch.zeros_like(keep[gid])
