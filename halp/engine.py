@@ -197,7 +197,7 @@ class Trainer:
             out = self.model(x)
         loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss)} at epoch {st.epoch + 1}, iteration "
+            raise FloatingPointError(f"the loss became {loss.item()} at epoch {st.epoch + 1}, iteration "
                                      f"{st.iteration} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}"
                                      " too high?); nothing was written for this run")
         self.optimizer.zero_grad(set_to_none=True)
