@@ -37,7 +37,7 @@ from halp.slim import slim_model
 
 
 @dataclass
-class Splits:
+class JobData:
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset
     num_classes: int
@@ -98,7 +98,7 @@ def _say(cfg: JobConfig, msg: str) -> None:
         tqdm.write(f"[halp] {msg}")
 
 
-def dense_model(cfg: JobConfig, splits: "Splits", cache: Path) -> tuple[torch.nn.Module, dict]:
+def dense_model(cfg: JobConfig, splits: JobData, cache: Path) -> tuple[torch.nn.Module, dict]:
     """Train the dense model once per (model, data, schedule, seed) and reuse it."""
     kw = {"width": cfg.model.width} if cfg.model.name.startswith("halp:") else {}
     torch.manual_seed(cfg.seed)
@@ -169,7 +169,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.dense.threads)
     train, val, _, info = build_datasets(cfg.data)  # fails early, saying where to get missing data
-    splits = Splits(train, val, info.num_classes, info.input_shape)
+    splits = JobData(train, val, info.num_classes, info.input_shape)
     model, dense_metrics = dense_model(cfg, splits, cache)
     graph = ChannelGraph.build(model, splits.input_shape)
     table, lut_path, lut_seconds, lut_reused = latency_table(cfg, graph, cache)

@@ -29,34 +29,20 @@ class SaliencyKind(str, Enum):
         return self in (SaliencyKind.TAYLOR_BN, SaliencyKind.TAYLOR_BN_SQ)
 
 
-def _norm_sum(graph: ChannelGraph, g: ChannelGroup) -> torch.Tensor:
-    """Σ over the group's BNs of γ·∂γ + β·∂β per group channel."""
+def _taylor_sum(graph: ChannelGraph, g: ChannelGroup, role: str) -> torch.Tensor:
+    """Σ over the group's members of ``role`` of Σ p·∂p per group channel: BN γ and β
+    (``role="norm"``), or each output channel's filter and bias (``role="out"``)."""
     total = torch.zeros(g.width, dtype=torch.float64)
     for mem in g.members:
-        if mem.role != "norm":
+        if mem.role != role:
             continue
-        bn = graph.module(mem.layer)
-        contrib = torch.zeros(bn.num_features, dtype=torch.float64)
-        for p in (bn.weight, bn.bias):
-            if p is not None and p.grad is not None:
-                contrib += (p.detach() * p.grad.detach()).double().cpu()
-        total.index_add_(0, mem.channels, contrib[mem.positions])
-    return total
-
-
-def _weight_sum(graph: ChannelGraph, g: ChannelGroup) -> torch.Tensor:
-    """Σ over the group's writing layers of Σ_filter w·∂w (+ bias) per group channel."""
-    total = torch.zeros(g.width, dtype=torch.float64)
-    for mem in g.members:
-        if mem.role != "out":
-            continue
-        layer = graph.module(mem.layer)
-        per_out = torch.zeros(layer.weight.shape[0], dtype=torch.float64)
-        for p in (layer.weight, layer.bias):
+        mod = graph.module(mem.layer)
+        per_channel = torch.zeros(mod.weight.shape[0], dtype=torch.float64)
+        for p in (mod.weight, mod.bias):
             if p is not None and p.grad is not None:
                 prod = (p.detach() * p.grad.detach()).double().cpu()
-                per_out += prod.flatten(1).sum(1) if prod.dim() > 1 else prod
-        total.index_add_(0, mem.channels, per_out[mem.positions])
+                per_channel += prod.flatten(1).sum(1) if prod.dim() > 1 else prod
+        total.index_add_(0, mem.channels, per_channel[mem.positions])
     return total
 
 
@@ -95,7 +81,7 @@ class Saliency:
             return True
         step = {}
         for g in self.groups:
-            raw = _norm_sum(self.graph, g) if g.norms else _weight_sum(self.graph, g)
+            raw = _taylor_sum(self.graph, g, "norm" if g.norms else "out")
             step[g.id] = raw.abs() if self.kind is SaliencyKind.TAYLOR_BN else raw.pow(2)
         if not all(bool(torch.isfinite(v).all()) for v in step.values()):
             self.skipped += 1

@@ -78,9 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_merge)
 
     v = lsub.add_parser("validate", help="predicted vs measured latency of slimmed models",
-                        description="Draw K width configurations (dense, smallest, uniform-ratio, "
-                                    "random), slim the model to each, time them all end to end in "
-                                    "one interleaved run in the table's setting, and compare.")
+                        description="Draw K width configurations (uniform-ratio and random), slim "
+                                    "the model to each, time them and the three calibration anchors "
+                                    "(dense, half, smallest) end to end in one interleaved run in the "
+                                    "table's setting, and compare predictions with the measurements.")
     v.add_argument("table", type=Path)
     add_model_args(v)
     v.add_argument("-k", type=int, default=20, help="number of configurations (default 20)")
