@@ -1,7 +1,7 @@
 """The main job as a Hydra app: ``halp-run`` (or ``python -m experiments.run``).
 
     halp-run                                   # defaults: CPU, Fashion-MNIST, ResNet-20, 50 % latency
-    halp-run prune.target_ratio=0.3 seed=1     # any field of the config (halp-run --cfg job shows them)
+    halp-run prune.target=0.3 seed=1     # any field of the config (halp-run --cfg job shows them)
     halp-run +preset=resnet50_imagenet data.root=/data/imagenet   # the paper's ResNet-50 schedule
 """
 from __future__ import annotations

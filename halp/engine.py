@@ -42,10 +42,17 @@ class TrainConfig:
     eval_batch_size: int = 512
     max_iters_per_epoch: int | None = None
     checkpoint_every: int = 0  # iterations; 0 = only at epoch ends and pruning steps
+    schedule: str = "cosine"  # cosine | step (lr x gamma every step_epochs; Taylor's reference schedule)
+    step_epochs: float = 10.0
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.threads < 1:
             raise ValueError("epochs, lr, batch_size and threads must be positive")
+        if self.schedule not in ("cosine", "step"):
+            raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        if self.step_epochs <= 0:
+            raise ValueError(f"step_epochs must be positive, got {self.step_epochs}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -65,6 +72,8 @@ def lr_at(cfg: TrainConfig, iteration: int, total: int, per_epoch: int) -> float
     warm = int(cfg.warmup_epochs * per_epoch)
     if iteration < warm:
         return cfg.lr * (iteration + 1) / warm
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** int(iteration / (cfg.step_epochs * per_epoch))
     progress = (iteration - warm) / max(1, total - warm)
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -85,7 +94,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512, progress
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
 
 
-def _reseed(dataset: Dataset, seed: int) -> None:
+def reseed_dataset(dataset: Dataset, seed: int) -> None:
     """Reseed the augmentation of ``dataset`` (or of the dataset a Subset wraps), if it has one."""
     while dataset is not None:
         if hasattr(dataset, "reseed"):
@@ -94,7 +103,7 @@ def _reseed(dataset: Dataset, seed: int) -> None:
         dataset = getattr(dataset, "dataset", None)
 
 
-def _fetch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def fetch_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
     return default_collate(items)
 
@@ -174,8 +183,8 @@ class Trainer:
             self.model.train()
             t0 = time.perf_counter()
             for b in bar:
-                _reseed(self.train_set, (self.cfg.seed * 1_000_003 + st.epoch) * 100_003 + b)
-                x, y = _fetch(self.train_set, order[b])
+                reseed_dataset(self.train_set, (self.cfg.seed * 1_000_003 + st.epoch) * 100_003 + b)
+                x, y = fetch_batch(self.train_set, order[b])
                 self._train_step(x, y, bar)
                 if self.cfg.checkpoint_every and st.iteration % self.cfg.checkpoint_every == 0:
                     self.save()

@@ -98,6 +98,25 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
             keep[gid] = m
         return cls(keep)
 
+    @classmethod
+    def top_k(cls, graph: ChannelGraph, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]
+              ) -> "ChannelMasks":
+        """Keep the ``widths[gid]`` highest-scoring channels of each group in ``widths`` (ties go to
+        the lower channel index); other groups keep everything."""
+        keep = {}
+        for gid, g in graph.groups.items():
+            m = torch.ones(g.width, dtype=torch.bool)
+            if gid in widths:
+                k = int(widths[gid])
+                if not 0 <= k <= g.width:
+                    raise ValueError(f"group {gid}: cannot keep {k} of {g.width} channels")
+                s = scores[gid]
+                order = sorted(range(g.width), key=lambda i: (-float(s[i]), i))
+                m = torch.zeros(g.width, dtype=torch.bool)
+                m[order[:k]] = True
+            keep[gid] = m
+        return cls(keep)
+
     def widths(self) -> dict[str, int]:
         return {gid: int(m.sum()) for gid, m in self._keep.items()}
 

@@ -23,7 +23,7 @@ def tiny(tmp_path: Path, **over) -> JobConfig:
         data=DataConfig(name="synthetic", synthetic_samples=192, synthetic_shape=(1, 12, 12), synthetic_classes=4),
         dense=TrainConfig(epochs=1, lr=0.05, batch_size=32, threads=1),
         finetune=TrainConfig(epochs=2, lr=0.02, batch_size=32, threads=1),
-        prune=PruneConfig(target_ratio=0.95, interval=2, steps=3, chunk=4),  # tiny nets are mostly overhead
+        prune=PruneConfig(target=0.95, interval=2, steps=3, chunk=4),  # tiny nets are mostly overhead
         latency=LatencyConfig(batch=2, step=4, rounds=1),
         cache_dir=str(tmp_path / "cache"), progress=False, measure_rounds=3)
     for k, v in over.items():
@@ -43,7 +43,7 @@ def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
     assert r["dense"]["latency_ms"] > 0 and r["pruned"]["latency_ms"] > 0
     assert 0 <= r["pruned"]["top1"] <= 100
     # a second job with another target reuses the dense model and the latency table
-    r2 = run_job(tiny(tmp_path, prune=PruneConfig(target_ratio=0.98, interval=2, steps=3, chunk=4)), tmp_path / "run2")
+    r2 = run_job(tiny(tmp_path, prune=PruneConfig(target=0.98, interval=2, steps=3, chunk=4)), tmp_path / "run2")
     assert r2["wall_seconds"]["dense_train"] == 0.0 and r2["lut"]["reused"] and not r["lut"]["reused"]
     assert r2["dense"]["top1"] == r["dense"]["top1"]
     # (anchors are re-measured for the second job, so compare fractions of the dense prediction)
@@ -53,7 +53,7 @@ def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
 
 def test_bad_inputs_stop_before_any_result(tmp_path):
     with pytest.raises(ValueError, match="latency floor"):
-        run_job(tiny(tmp_path, prune=PruneConfig(target_ratio=0.02, interval=2, steps=3, chunk=4)), tmp_path / "a")
+        run_job(tiny(tmp_path, prune=PruneConfig(target=0.02, interval=2, steps=3, chunk=4)), tmp_path / "a")
     assert not (tmp_path / "a" / "result.json").exists()
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         run_job(tiny(tmp_path, data=DataConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"))), tmp_path / "b")
@@ -78,14 +78,14 @@ def hydra(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_hydra_app_config_validation(tmp_path):
     out = hydra("--cfg", "job", cwd=tmp_path)
-    assert out.returncode == 0 and "target_ratio: 0.5" in out.stdout and "halp:resnet20" in out.stdout
+    assert out.returncode == 0 and "target: 0.5" in out.stdout and "halp:resnet20" in out.stdout
     preset = hydra("+preset=resnet50_imagenet", "--cfg", "job", cwd=tmp_path)
     assert preset.returncode == 0 and "interval: 40" in preset.stdout and "torchvision:resnet50" in preset.stdout
     typo = hydra("prune.taget_ratio=0.3", cwd=tmp_path)
     assert typo.returncode != 0 and "taget_ratio" in typo.stderr
     wrong_type = hydra("prune.steps=many", cwd=tmp_path)
     assert wrong_type.returncode != 0 and "steps" in wrong_type.stderr
-    over = hydra("prune.target_ratio=1.5", cwd=tmp_path)
+    over = hydra("prune.target=1.5", cwd=tmp_path)
     assert over.returncode != 0 and "target ratio must be in (0, 1]" in over.stderr
     assert not list(tmp_path.glob("runs/*/result.json"))
     helped = hydra("--help", cwd=tmp_path)

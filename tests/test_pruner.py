@@ -37,7 +37,7 @@ def inject(pruner: HalpPruner, seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_geometric_targets():
-    _, p = setup(PruneConfig(target_ratio=0.4, steps=5, chunk=4))
+    _, p = setup(PruneConfig(target=0.4, steps=5, chunk=4))
     L0 = p.dense_ms
     for t in range(6):
         assert p.target_ms(t) == pytest.approx(L0 ** (1 - t / 5) * (0.4 * L0) ** (t / 5))
@@ -46,7 +46,7 @@ def test_geometric_targets():
 
 @pytest.mark.parametrize("solver", ["exact", "greedy"])
 def test_steps_meet_targets_and_keep_the_most_important(solver):
-    graph, p = setup(PruneConfig(target_ratio=0.35, steps=4, chunk=4, solver=solver))
+    graph, p = setup(PruneConfig(target=0.35, steps=4, chunk=4, solver=solver))
     before = p.masks
     for t in range(1, 5):
         scores = inject(p, t)
@@ -68,26 +68,26 @@ def test_steps_meet_targets_and_keep_the_most_important(solver):
 
 def test_bad_targets_are_clear_errors():
     with pytest.raises(ValueError, match=r"target ratio must be in \(0, 1\]"):
-        PruneConfig(target_ratio=1.5)
+        PruneConfig(target=1.5)
     with pytest.raises(ValueError, match="latency floor"):
-        setup(PruneConfig(target_ratio=0.01, chunk=4))
+        setup(PruneConfig(target=0.01, chunk=4))
     with pytest.raises(ValueError, match="chunk"):
         PruneConfig(chunk="big")
 
 
 def test_state_dict_round_trip():
-    _, p = setup(PruneConfig(target_ratio=0.5, steps=3, chunk=4))
+    _, p = setup(PruneConfig(target=0.5, steps=3, chunk=4))
     inject(p, 1)
     p.prune_step()
     inject(p, 2)
     state = p.state_dict()
-    _, q = setup(PruneConfig(target_ratio=0.5, steps=3, chunk=4))
+    _, q = setup(PruneConfig(target=0.5, steps=3, chunk=4))
     q.load_state_dict(state)
     assert q.masks == p.masks and q.step == 1
     p.prune_step()
     q.prune_step()
     assert q.masks == p.masks
-    _, other = setup(PruneConfig(target_ratio=0.6, steps=3, chunk=4))
+    _, other = setup(PruneConfig(target=0.6, steps=3, chunk=4))
     with pytest.raises(ValueError, match="other pruning settings"):
         other.load_state_dict(state)
 
@@ -100,7 +100,7 @@ def make_data(n: int, seed: int) -> TensorImageDataset:
 
 
 def run(tmp_path, kill_after: int | None):
-    cfg = PruneConfig(target_ratio=0.4, interval=3, steps=5, chunk=4)
+    cfg = PruneConfig(target=0.4, interval=3, steps=5, chunk=4)
     graph, pruner = setup(cfg)
     train = make_data(96, 1)
     val = make_data(32, 2)

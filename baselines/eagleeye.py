@@ -1,0 +1,286 @@
+"""EagleEye (Li et al., ECCV 2020): random search over per-layer widths with adaptive-BN scoring.
+
+Before fine-tuning, on the trained dense model:
+
+1. draw per-group prune ratios r_g = U(0, 1) · ``max_rate`` (``None`` = the rate at which half of
+   the draws land under the target, found by bisection), round each width to the unit grid, and
+   keep a candidate only if its resource (the cost model's latency by default, MACs with
+   ``resource="flops"``) lies in the window around the target (see ``window``);
+2. prune each candidate by L1 filter norm (``halp.saliency.filter_norms``), slim it, re-estimate
+   its BatchNorm statistics with ``calib_batches`` training minibatches forwarded in train mode
+   without gradients (adaptive BN), and score its top-1 on a held-out split of the training set;
+3. keep the best candidate's masks (and its re-estimated statistics), then fine-tune as usual.
+
+``window="below"`` (default) accepts [T·(1 − 2·tol), T], as wide as the paper's ±tol but never
+over the budget, so that every method in a comparison meets the same hard budget;
+``window="symmetric"`` is the paper's [T·(1 − tol), T·(1 + tol)]. Candidates are scored in
+``workers`` processes, each with its share of the threads; the scores do not depend on how many.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from halp.counting import count
+from halp.engine import evaluate, fetch_batch, reseed_dataset
+from halp.graph import ChannelGraph
+from halp.latency.cost import CostModel
+from halp.masks import ChannelMasks
+from halp.pruning import PruneConfig, Pruner, StepLog, check_chunk
+from halp.saliency import filter_norms
+from halp.slim import slim_model
+
+
+class Resource(str, Enum):
+    LATENCY = "latency"
+    FLOPS = "flops"
+
+
+class Window(str, Enum):
+    BELOW = "below"
+    SYMMETRIC = "symmetric"
+
+
+@dataclass
+class EagleEyeConfig:
+    candidates: int = 50
+    max_rate: float | None = None   # None: bisect for the rate whose median draw hits the target
+    tolerance: float = 0.005
+    window: str = "below"
+    resource: str = "latency"
+    holdout: int = 5000             # training samples (evaluation transforms) used to score candidates
+    calib_batches: int = 100
+    batch_size: int = 128
+    max_draws: int = 50_000
+    workers: int | None = None      # None: as many as threads allow
+    start_method: str = "spawn"     # fork is faster to start but unsafe after OpenMP use
+    chunk: int | str = 1
+    reduce: str = "first"
+
+    def __post_init__(self) -> None:
+        Resource(self.resource)
+        Window(self.window)
+        if self.candidates < 1 or self.calib_batches < 0 or self.holdout < 1 or self.batch_size < 1:
+            raise ValueError("eagleeye.candidates, holdout and batch_size must be >= 1 (calib_batches >= 0)")
+        if not 0 < self.tolerance < 0.5:
+            raise ValueError(f"eagleeye.tolerance must be in (0, 0.5), got {self.tolerance}")
+        if self.max_rate is not None and not 0 < self.max_rate <= 1:
+            raise ValueError(f"eagleeye.max_rate must be in (0, 1], got {self.max_rate}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"eagleeye.workers must be >= 1, got {self.workers}")
+        if self.start_method not in mp.get_all_start_methods():
+            raise ValueError(f"eagleeye.start_method must be one of {mp.get_all_start_methods()}")
+        check_chunk(self.chunk)
+
+
+def acceptance_window(target: float, tolerance: float, window: str | Window) -> tuple[float, float]:
+    """The resource interval a candidate must fall in."""
+    if Window(window) is Window.BELOW:
+        return target * (1 - 2 * tolerance), target
+    return target * (1 - tolerance), target * (1 + tolerance)
+
+
+@torch.no_grad()
+def adaptive_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``batches`` (train-mode forwards, no
+    gradients, an exact average over the batches); weights are untouched. Returns batches used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    n = 0
+    for x in batches:
+        model(x)
+        n += 1
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    model.train(was_training)
+    return n
+
+
+def calibration_batches(train_set: Dataset, n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """``n`` minibatches of training indices from a seeded permutation (reused for every candidate)."""
+    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    size = min(batch_size, len(train_set))
+    return [[perm[(i * size + j) % len(perm)] for j in range(size)] for i in range(n)]
+
+
+def _batches(train_set: Dataset, index_lists: list[list[int]], seed: int):
+    for b, idx in enumerate(index_lists):
+        reseed_dataset(train_set, seed * 100_003 + b)  # same augmentation for every candidate
+        yield fetch_batch(train_set, idx)[0]
+
+
+# ---------------------------------------------------------------------- candidate scoring (workers)
+_WORK: dict = {}
+
+
+def _init_worker(payload: bytes | dict, threads: int) -> None:
+    """Set up a scoring process. The payload comes as ``torch.save`` bytes: plain bytes travel to a
+    spawned process as they are (tensors pickled by multiprocessing would be shared through file
+    descriptors, which a pool's initializer cannot pass)."""
+    torch.set_num_threads(threads)
+    if isinstance(payload, bytes):
+        payload = torch.load(io.BytesIO(payload), weights_only=False)
+    _WORK.update(graph=ChannelGraph.build(payload["model"], payload["input_shape"]), **{
+        k: payload[k] for k in ("train", "holdout", "calib", "seed", "eval_batch")})
+
+
+def score_masks(masks: ChannelMasks) -> float:
+    """Holdout top-1 (%) of the slimmed candidate after adaptive BN (in a worker or in-process)."""
+    w = _WORK
+    slim = slim_model(w["graph"], masks)
+    adaptive_bn(slim, _batches(w["train"], w["calib"], w["seed"]))
+    reseed_dataset(w["holdout"], w["seed"])  # an augmenting holdout scores every candidate alike
+    return evaluate(slim, w["holdout"], w["eval_batch"])["top1"]
+
+
+def _score_keep(keep: dict[str, torch.Tensor]) -> float:
+    return score_masks(ChannelMasks(keep))
+
+
+class EagleEyePruner(Pruner):
+    method = "eagleeye"
+
+    def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
+                 method_cfg: EagleEyeConfig | None = None, chunk_sizes: dict[str, int] | None = None,
+                 seed: int = 0, threads: int = 2, progress: bool = False) -> None:
+        self.ecfg = method_cfg or EagleEyeConfig()
+        super().__init__(graph, cost, config, chunk_sizes, chunk=self.ecfg.chunk)
+        self.steps_total = 1
+        self.seed, self.threads, self.progress = seed, threads, progress
+        self.resource = Resource(self.ecfg.resource)
+        self.dense_resource = self.measure(graph.full_widths())
+        self.window = acceptance_window(config.target * self.dense_resource, self.ecfg.tolerance, self.ecfg.window)
+        self.search: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return False  # all pruning happens in setup()
+
+    def measure(self, widths: dict[str, int]) -> float:
+        """The resource the candidates are filtered on: predicted ms, or MACs."""
+        if self.resource is Resource.FLOPS:
+            return float(count(self.graph, widths).macs)
+        return self.cost.total_ms(widths)
+
+    # ------------------------------------------------------------------ sampling
+    def draw(self, rng: np.random.Generator, max_rate: float) -> dict[str, int]:
+        """One random candidate: widths per prunable group, on the unit grid and above the minimum."""
+        widths = self.graph.full_widths()
+        for g in self.groups:
+            c, need = self.chunks[g.id], max(1, self.min_keep(g))
+            cut = c * int(round(g.width * rng.uniform(0, 1) * max_rate / c))
+            widths[g.id] = max(g.width - cut, min(g.width, need))
+        return widths
+
+    def auto_rate(self, draws: int = 64) -> float:
+        """Bisection for the max rate at which the median draw's resource equals the target."""
+        lo, hi, target = 0.0, 1.0, self.cfg.target * self.dense_resource
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            rng = np.random.default_rng(self.seed)
+            med = float(np.median([self.measure(self.draw(rng, mid)) for _ in range(draws)]))
+            lo, hi = (mid, hi) if med > target else (lo, mid)
+        return hi
+
+    def sample(self) -> tuple[list[dict[str, int]], int, float]:
+        """Accepted candidates (distinct), the number of draws it took, and the rate used."""
+        rate = self.ecfg.max_rate if self.ecfg.max_rate is not None else self.auto_rate()
+        rng = np.random.default_rng(self.seed + 1)
+        lo, hi = self.window
+        found, seen, draws = [], set(), 0
+        while len(found) < self.ecfg.candidates and draws < self.ecfg.max_draws:
+            draws += 1
+            w = self.draw(rng, rate)
+            key = tuple(w[g.id] for g in self.groups)
+            if key not in seen and lo <= self.measure(w) <= hi:
+                seen.add(key)
+                found.append(w)
+        if not found:
+            unit = "ms" if self.resource is Resource.LATENCY else "MACs"
+            raise ValueError(f"EagleEye found no candidate in [{lo:.4g}, {hi:.4g}] {unit} after {draws} draws "
+                             f"at max_rate {rate:.3f}; set eagleeye.max_rate, widen eagleeye.tolerance or "
+                             "raise eagleeye.max_draws")
+        return found, draws, rate
+
+    # ------------------------------------------------------------------ search
+    def candidate_masks(self, widths: dict[str, int]) -> ChannelMasks:
+        scores = {g.id: filter_norms(self.graph, g, 1, self.ecfg.reduce) for g in self.groups}
+        return ChannelMasks.top_k(self.graph, scores, {g.id: widths[g.id] for g in self.groups})
+
+    def evaluate_candidates(self, masks: list[ChannelMasks], train_set: Dataset, holdout: Dataset,
+                            calib: list[list[int]], on_result: Callable | None = None) -> list[float]:
+        workers = min(self.ecfg.workers or self.threads, len(masks))
+        payload = {"model": self.graph.model, "input_shape": self.graph.input_shape, "train": train_set,
+                   "holdout": holdout, "calib": calib, "seed": self.seed, "eval_batch": 512}
+        keeps = [dict(m.items()) for m in masks]
+        bar = tqdm(total=len(masks), desc="EagleEye candidates", disable=not self.progress, leave=False)
+        out: list[float] = []
+        if workers <= 1:
+            saved = torch.get_num_threads()
+            _init_worker(payload, self.threads)
+            try:
+                for k in keeps:
+                    out.append(_score_keep(k))
+                    bar.update()
+            finally:
+                _WORK.clear()
+                torch.set_num_threads(saved)
+        else:
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            ctx = mp.get_context(self.ecfg.start_method)
+            with ctx.Pool(workers, initializer=_init_worker,
+                          initargs=(buf.getvalue(), max(1, self.threads // workers))) as pool:
+                for top1 in pool.imap(_score_keep, keeps):
+                    out.append(top1)
+                    bar.update()
+        bar.close()
+        return out
+
+    def setup(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None = None) -> None:
+        if self.done:
+            return
+        if holdout is None:
+            raise ValueError("EagleEye needs a held-out split of the training set to score candidates")
+        widths, draws, rate = self.sample()
+        masks = [self.candidate_masks(w) for w in widths]
+        calib = calibration_batches(train_set, self.ecfg.calib_batches, self.ecfg.batch_size, self.seed)
+        scores = self.evaluate_candidates(masks, train_set, holdout, calib)
+        best = int(np.argmax(scores))  # first of equals
+        self.set_masks(dict(masks[best].items()))
+        adaptive_bn(model, _batches(train_set, calib, self.seed))  # the masked model = the best slim one
+        self.applier.apply()
+        self.search = {"draws": draws, "max_rate": rate, "window": list(self.window), "best": best,
+                       "candidates": [{"widths": {g.id: w[g.id] for g in self.groups}, "resource": self.measure(w),
+                                       "predicted_ms": self.cost.total_ms(w), "holdout_top1": s}
+                                      for w, s in zip(widths, scores)]}
+        self.record(self.final_target_ms, self.predicted_ms(), sum(g.width for g in self.groups)
+                    - sum(self.widths()[g.id] for g in self.groups))
+
+    def prune_step(self) -> StepLog:
+        raise RuntimeError("EagleEye prunes once, in setup(), before fine-tuning")
+
+    def config_state(self) -> dict:
+        # how the work is spread over processes does not change the result: not part of the identity
+        search = {k: v for k, v in asdict(self.ecfg).items() if k not in ("workers", "start_method")}
+        return {**asdict(self.cfg), "eagleeye": search, "seed": self.seed}
+
+    def extra_state(self) -> dict:
+        return {"search": self.search}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.search = state.get("search", {})

@@ -1,0 +1,91 @@
+"""Magnitude pruning (Li et al., ICLR 2017) to a latency budget.
+
+A channel's score is the L1 norm of its filter. For a coupled group the reference criterion is the
+first writing layer's filter (``reduce="first"``); ``reduce="sum"`` adds the norms over the group.
+Raw norms grow with a layer's fan-in, so by default each group's scores are divided by their mean
+before the global ranking (``normalize="none"`` ranks raw norms). Channels are removed, lowest score
+first, until the latency predicted by the cost model meets the target: once before fine-tuning
+(``schedule="one_shot"``), or along HALP's geometric schedule during training
+(``schedule="iterative"``, using ``prune.start/interval/steps``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from halp.graph import ChannelGraph
+from halp.latency.cost import CostModel
+from halp.pruning import PruneConfig, Pruner, StepLog, check_chunk
+from halp.saliency import filter_norms
+
+
+class Schedule(str, Enum):
+    ONE_SHOT = "one_shot"
+    ITERATIVE = "iterative"
+
+
+class Normalize(str, Enum):
+    NONE = "none"
+    MEAN = "mean"  # divide a group's scores by their mean (scale-free across layers)
+
+
+@dataclass
+class MagnitudeConfig:
+    reduce: str = "first"     # first | sum: which writing layers of a coupled group are scored
+    normalize: str = "mean"   # none | mean
+    schedule: str = "one_shot"
+    chunk: int | str = 1      # channels removed together; "auto" = the latency staircase (like HALP)
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("first", "sum"):
+            raise ValueError(f"magnitude.reduce must be 'first' or 'sum', got {self.reduce!r}")
+        Normalize(self.normalize)
+        Schedule(self.schedule)
+        check_chunk(self.chunk)
+
+
+def magnitude_scores(graph: ChannelGraph, groups, reduce: str = "first",
+                     normalize: str = "mean") -> dict[str, torch.Tensor]:
+    """L1 filter norm per channel of each group, optionally divided by the group's mean."""
+    out = {}
+    for g in groups:
+        s = filter_norms(graph, g, p=1, reduce=reduce)
+        if Normalize(normalize) is Normalize.MEAN:
+            s = s / s.mean().clamp_min(1e-12)
+        out[g.id] = s
+    return out
+
+
+class MagnitudePruner(Pruner):
+    method = "magnitude"
+
+    def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
+                 method_cfg: MagnitudeConfig | None = None, chunk_sizes: dict[str, int] | None = None) -> None:
+        self.mcfg = method_cfg or MagnitudeConfig()
+        super().__init__(graph, cost, config, chunk_sizes, chunk=self.mcfg.chunk)
+        self.one_shot = Schedule(self.mcfg.schedule) is Schedule.ONE_SHOT
+        if self.one_shot:
+            self.steps_total = 1
+
+    @property
+    def active(self) -> bool:
+        return not self.one_shot and super().active
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return magnitude_scores(self.graph, self.groups, self.mcfg.reduce, self.mcfg.normalize)
+
+    def setup(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None = None) -> None:
+        if self.one_shot and not self.done:
+            self.prune_step()
+
+    def prune_step(self) -> StepLog:
+        target = self.target_ms(self.step + 1)
+        removed, predicted = self.remove_in_order(self.ranked_units(self.scores()), target)
+        return self.record(target, predicted, removed)
+
+    def config_state(self) -> dict:
+        return {**asdict(self.cfg), "magnitude": asdict(self.mcfg)}

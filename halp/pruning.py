@@ -1,0 +1,285 @@
+"""What every pruner shares: the latency budget, the schedule, masks, training hooks and state.
+
+HALP (``halp.pruner``) and the baselines (``baselines/``) are subclasses of :class:`Pruner`. The
+training loop sees only the interface::
+
+    pruner.setup(model, train_set, holdout)          # once, before training (one-shot methods prune here)
+    loss.backward(); pruner.after_backward()         # gradient-based criteria accumulate
+    optimizer.step(); pruner.after_step(optimizer)   # prune if due; keep pruned channels at zero
+
+A subclass implements :meth:`Pruner.prune_step` (and, if it needs gradients, :meth:`accumulate`).
+The budget is always a fraction ``target`` of the dense latency predicted by the cost model, so a
+sweep can vary the method and the target and nothing else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .graph import ChannelGraph, ChannelGroup
+from .latency.cost import CostModel
+from .masks import ChannelMasks, MaskApplier
+
+
+@dataclass
+class PruneConfig:
+    """The budget and schedule (shared by every method) and HALP's own knobs.
+
+    ``target``: fraction of the dense latency to keep. ``start``/``interval``/``steps``: prune every
+    ``interval`` iterations from ``start``, ``steps`` times. ``chunk``: channels per pruning unit,
+    "auto" = from the latency table's staircase (``halp.latency.quality.chunk_sizes``) or a number.
+    ``min_width``/``min_fraction``: the least a group keeps; ``allow_vanish`` lets a residual
+    branch go to zero channels. ``solver``/``saliency``/``max_resolve`` are HALP's."""
+
+    target: float = 0.5
+    start: int = 0
+    interval: int = 40
+    steps: int = 30
+    chunk: int | str = "auto"
+    solver: str = "exact"
+    saliency: str = "taylor_bn"
+    min_width: int = 1
+    min_fraction: float = 0.0
+    prune_stem: bool = False
+    allow_vanish: bool = False
+    max_resolve: int = 8
+
+    def __post_init__(self) -> None:
+        from .saliency import SaliencyKind
+
+        if not 0 < self.target <= 1:
+            raise ValueError(f"target ratio must be in (0, 1] (a fraction of the dense latency), got {self.target}")
+        if self.interval < 1 or self.steps < 1 or self.start < 0:
+            raise ValueError("prune interval and steps must be >= 1 and start >= 0")
+        check_chunk(self.chunk)
+        if not 0 <= self.min_fraction < 1:
+            raise ValueError(f"min_fraction must be in [0, 1), got {self.min_fraction}")
+        SaliencyKind(self.saliency)
+
+    @property
+    def end(self) -> int:
+        """Iteration after which pruning is over."""
+        return self.start + self.steps * self.interval
+
+
+def check_chunk(chunk: int | str) -> None:
+    if isinstance(chunk, str) and chunk != "auto":
+        raise ValueError(f"chunk must be a positive integer or 'auto', got {chunk!r}")
+    if isinstance(chunk, int) and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+
+
+@dataclass
+class StepLog:
+    step: int
+    iteration: int
+    target_ms: float
+    predicted_ms: float
+    removed: int
+    widths: dict[str, int] = field(default_factory=dict)
+    resolves: int = 0
+
+
+Unit = tuple[str, torch.Tensor]  # (group id, channel indices removed together)
+
+
+class Pruner:
+    """Base class: budget, schedule, masks and checkpoint state over a cost model.
+
+    ``chunk`` overrides ``config.chunk`` (baselines choose their own granularity); ``chunk_sizes``
+    gives the "auto" sizes when the caller already computed them."""
+
+    method = "base"
+
+    def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
+                 chunk_sizes: dict[str, int] | None = None, chunk: int | str | None = None) -> None:
+        self.graph = graph
+        self.cost = cost
+        self.cfg = config
+        self.groups: list[ChannelGroup] = list(graph.prunable_groups(include_stem=config.prune_stem))
+        if not self.groups:
+            raise ValueError("the model has no prunable channel group")
+        chunk = config.chunk if chunk is None else chunk
+        check_chunk(chunk)
+        if isinstance(chunk, int):
+            self.chunks = {g.id: min(chunk, g.width) for g in self.groups}
+        else:
+            if chunk_sizes is None:
+                from .latency.quality import chunk_sizes as derive
+                chunk_sizes = derive(graph, cost.table, cost=cost)
+            self.chunks = {g.id: int(chunk_sizes[g.id]) for g in self.groups}
+        self.masks = ChannelMasks.full(graph)
+        self.applier = MaskApplier(graph, self.masks)
+        self.iteration = 0
+        self.step = 0
+        self.steps_total = config.steps
+        self.finished = False  # a method may finish before its last step (budget met)
+        self.dense_ms = cost.total_ms(graph.full_widths())
+        self.log: list[StepLog] = []
+        floor = self.floor_ms()
+        if floor > self.final_target_ms:
+            raise ValueError(
+                f"latency target {config.target:.0%} of dense ({self.final_target_ms:.3f} ms "
+                f"predicted) is below the latency floor {floor:.3f} ms = {floor / self.dense_ms:.0%} of "
+                f"dense (every prunable group at its minimum width); raise the target or lower min_width")
+
+    # ------------------------------------------------------------------ budget and schedule
+    def min_keep(self, g: ChannelGroup) -> int:
+        """Fewest channels group ``g`` may keep (0 only for a residual branch allowed to vanish)."""
+        if self.cfg.allow_vanish and g.can_vanish:
+            return 0
+        return max(1, self.cfg.min_width, math.ceil(self.cfg.min_fraction * g.width))
+
+    def floor_ms(self) -> float:
+        """Predicted latency with every prunable group at its smallest allowed width."""
+        widths = self.graph.full_widths()
+        for g in self.groups:
+            need, c = self.min_keep(g), self.chunks[g.id]
+            widths[g.id] = g.width - c * ((g.width - need) // c) if need > 0 else 0
+        return self.cost.total_ms(widths)
+
+    @property
+    def final_target_ms(self) -> float:
+        return self.cfg.target * self.dense_ms
+
+    def target_ms(self, t: int) -> float:
+        """Latency target after step ``t`` of ``steps_total``: geometric from dense to the final one."""
+        f = min(1.0, t / self.steps_total)
+        return self.dense_ms ** (1 - f) * self.final_target_ms ** f
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.step >= self.steps_total
+
+    @property
+    def active(self) -> bool:
+        return not self.done and self.cfg.start <= self.iteration < self.cfg.end
+
+    def widths(self) -> dict[str, int]:
+        return self.masks.widths()
+
+    def predicted_ms(self) -> float:
+        return self.cost.total_ms(self.widths())
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None = None) -> None:
+        """Called once before training on the (dense) ``model``; one-shot methods prune here."""
+
+    def accumulate(self) -> None:
+        """Called after every backward pass while pruning is active (gradient criteria)."""
+
+    def after_backward(self) -> None:
+        if self.active:
+            self.accumulate()
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> StepLog | None:
+        """Count the iteration, prune if due, and keep pruned channels at zero."""
+        entry = None
+        if self.active and (self.iteration + 1 - self.cfg.start) % self.cfg.interval == 0:
+            entry = self.prune_step()
+        self.iteration += 1
+        self.applier.apply()
+        if optimizer is not None:
+            self.applier.clear_optimizer_state(optimizer)
+        return entry
+
+    def prune_step(self) -> StepLog:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared mechanics
+    def pieces(self, gid: str, scores: torch.Tensor) -> list[torch.Tensor]:
+        """Active channels of group ``gid`` cut into units of ``chunks[gid]``, least important
+        first (ties by channel index); a remainder is the last, most important unit, so removing
+        whole units from the front keeps widths on the chunk grid."""
+        active = torch.nonzero(self.masks[gid]).flatten()
+        n, chunk = active.numel(), self.chunks[gid]
+        if n == 0:
+            return []
+        s = scores[active]
+        ranked = active[sorted(range(n), key=lambda i: (float(s[i]), int(active[i])))]
+        full = n - n % chunk
+        out = [ranked[i:i + chunk] for i in range(0, full, chunk)]
+        if n % chunk:
+            out.append(ranked[full:])
+        return out
+
+    def ranked_units(self, scores: dict[str, torch.Tensor]) -> list[Unit]:
+        """Every group's units in one global order by mean channel score (lowest first). A group's
+        units keep their own order: their means never decrease."""
+        keyed = []
+        for gi, g in enumerate(self.groups):
+            for pi, p in enumerate(self.pieces(g.id, scores[g.id])):
+                keyed.append(((float(scores[g.id][p].mean()), gi, pi), (g.id, p)))
+        keyed.sort(key=lambda kv: kv[0])
+        return [u for _, u in keyed]
+
+    def remove_in_order(self, units: Sequence[Unit], target_ms: float, limit: int | None = None) -> tuple[int, float]:
+        """Remove ``units`` in order until the predicted latency is at most ``target_ms`` or
+        ``limit`` channels are gone, skipping a group's remaining units once the next one would
+        take it below :meth:`min_keep`. Returns (channels removed, predicted latency)."""
+        keep = {gid: m.clone() for gid, m in self.masks.items()}
+        widths = {gid: int(m.sum()) for gid, m in keep.items()}
+        mins = {g.id: self.min_keep(g) for g in self.groups}
+        blocked: set[str] = set()
+        removed = 0
+        predicted = self.cost.total_ms(widths)
+        for gid, idx in units:
+            if predicted <= target_ms or (limit is not None and removed >= limit):
+                break
+            if gid in blocked:
+                continue
+            if widths[gid] - len(idx) < mins[gid]:
+                blocked.add(gid)
+                continue
+            keep[gid][idx] = False
+            widths[gid] -= len(idx)
+            removed += len(idx)
+            predicted = self.cost.total_ms(widths)
+        self.set_masks(keep)
+        return removed, predicted
+
+    def set_masks(self, keep: dict[str, torch.Tensor]) -> None:
+        self.masks = ChannelMasks(keep)
+        self.applier = MaskApplier(self.graph, self.masks)
+        self.applier.apply()
+
+    def record(self, target_ms: float, predicted_ms: float, removed: int, resolves: int = 0) -> StepLog:
+        self.step += 1
+        entry = StepLog(self.step, self.iteration, target_ms, predicted_ms, removed, self.widths(), resolves)
+        self.log.append(entry)
+        return entry
+
+    # ------------------------------------------------------------------ checkpoint
+    def extra_state(self) -> dict:
+        """Method-specific state (saliency sums, moving averages, ...)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def config_state(self) -> dict:
+        """What must match for a checkpoint to be resumed with this pruner."""
+        return asdict(self.cfg)
+
+    def state_dict(self) -> dict:
+        return {"method": self.method, "iteration": self.iteration, "step": self.step,
+                "finished": self.finished, "masks": {k: v.clone() for k, v in self.masks.items()},
+                "log": [asdict(e) for e in self.log], "config": self.config_state(),
+                "chunks": dict(self.chunks), "dense_ms": self.dense_ms, "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("method", self.method) != self.method or state["config"] != self.config_state():
+            raise ValueError("checkpoint was made with other pruning settings; use the same config to resume")
+        self.iteration = int(state["iteration"])
+        self.step = int(state["step"])
+        self.finished = bool(state.get("finished", False))
+        self.set_masks(state["masks"])
+        self.log = [StepLog(**e) for e in state["log"]]
+        self.chunks = dict(state["chunks"])
+        self.dense_ms = float(state["dense_ms"])
+        self.load_extra_state(state.get("extra", {}))
