@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from .distributed import SINGLE, DistEnv, barrier, broadcast
 from .fileio import atomic_write
 
 
@@ -42,6 +44,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     max_iters_per_epoch: int | None = None
     checkpoint_every: int = 0  # iterations; 0 = only at epoch ends and pruning steps
+    micro_batches: int = 1  # split each (per-process) batch and accumulate gradients
     schedule: str = "cosine"  # cosine | step (lr x gamma every step_epochs; Taylor's reference schedule)
     step_epochs: float = 10.0
     gamma: float = 0.1
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ValueError("epochs, lr, batch_size and threads must be positive")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches={self.micro_batches} must divide batch_size={self.batch_size}")
         if self.step_epochs <= 0:
             raise ValueError(f"step_epochs must be positive, got {self.step_epochs}")
 
@@ -118,17 +123,41 @@ class TrainState:
     prune_seconds: float = 0.0
 
 
+class Preempted(Exception):
+    """Training stopped at an iteration boundary because ``should_stop`` said so; the checkpoint
+    holds the state at that iteration."""
+
+
 class Trainer:
-    """Trains ``model`` on ``train_set``; ``pruner`` (optional) gets HALP's two hooks."""
+    """Trains ``model`` on ``train_set``; ``pruner`` (optional) gets the pruner hooks.
+
+    With ``dist`` (several processes, see ``halp.distributed``) every rank draws the same global
+    batch and trains on its contiguous shard under DDP; that equals one process with
+    ``micro_batches = world`` (same gradients, up to summation order). Rank 0 alone evaluates and
+    writes checkpoints; pruning masks are taken from rank 0. ``should_stop`` is polled after every
+    iteration (a preemption signal): the trainer then checkpoints and raises :class:`Preempted`.
+    """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
                  pruner=None, checkpoint: str | os.PathLike | None = None, progress: bool = True,
-                 on_prune: Callable | None = None) -> None:
+                 on_prune: Callable | None = None, dist: DistEnv = SINGLE,
+                 should_stop: Callable[[], bool] | None = None,
+                 on_epoch: Callable[[dict], None] | None = None) -> None:
         self.model, self.train_set, self.val_set, self.cfg = model, train_set, val_set, cfg
         self.pruner = pruner
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.progress = progress
+        self.progress = progress and dist.is_main
         self.on_prune = on_prune
+        self.dist = dist
+        self.should_stop = should_stop
+        self.on_epoch = on_epoch
+        if cfg.batch_size % (dist.world * cfg.micro_batches):
+            raise ValueError(f"batch_size={cfg.batch_size} must split evenly over {dist.world} process(es) "
+                             f"x {cfg.micro_batches} micro-batch(es)")
+        self.net = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(model)
         self.optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.per_epoch = len(train_set) // cfg.batch_size
@@ -141,7 +170,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.dist.is_main:
             return
         blob = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "state": asdict(self.state), "rng": torch.get_rng_state(), "config": asdict(self.cfg),
@@ -185,32 +214,51 @@ class Trainer:
             for b in bar:
                 reseed_dataset(self.train_set, (self.cfg.seed * 1_000_003 + st.epoch) * 100_003 + b)
                 x, y = fetch_batch(self.train_set, order[b])
+                if self.dist.enabled:  # this rank's contiguous shard of the global batch
+                    n = len(y) // self.dist.world
+                    x, y = x[self.dist.rank * n:(self.dist.rank + 1) * n], y[self.dist.rank * n:(self.dist.rank + 1) * n]
                 self._train_step(x, y, bar)
                 if self.cfg.checkpoint_every and st.iteration % self.cfg.checkpoint_every == 0:
                     self.save()
+                if self.should_stop is not None and broadcast(self.dist, bool(self.should_stop())):
+                    st.train_seconds += time.perf_counter() - t0
+                    self.save()
+                    raise Preempted(f"stopped at iteration {st.iteration}; checkpoint {self.checkpoint}")
             st.train_seconds += time.perf_counter() - t0
             st.epoch += 1
             st.batch = 0
-            metrics = evaluate(self.model, self.val_set, self.cfg.eval_batch_size)
-            st.history.append({"epoch": st.epoch, "iteration": st.iteration, **metrics})
-            if self.progress:
-                tqdm.write(f"epoch {st.epoch}: top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}")
-            self.save()
+            if self.dist.is_main:
+                metrics = evaluate(self.model, self.val_set, self.cfg.eval_batch_size)
+                st.history.append({"epoch": st.epoch, "iteration": st.iteration, **metrics})
+                if self.on_epoch:
+                    self.on_epoch(st.history[-1])
+                if self.progress:
+                    tqdm.write(f"epoch {st.epoch}: top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}")
+                self.save()
+            barrier(self.dist)
         return st
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, bar) -> None:
         st = self.state
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, st.iteration, self.total, self.per_epoch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
-            out = self.model(x)
-        loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at epoch {st.epoch + 1}, iteration "
-                                     f"{st.iteration} (learning rate {self.optimizer.param_groups[0]['lr']:.3g}"
-                                     " too high?); nothing was written for this run")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        k = self.cfg.micro_batches
+        total = 0.0
+        for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            # DDP averages gradients only on the last micro-batch's backward
+            sync = nullcontext() if i == k - 1 or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.amp):
+                    out = self.net(xm)
+                loss = F.cross_entropy(out.float(), ym, label_smoothing=self.cfg.label_smoothing) / k
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {loss.item()} at epoch {st.epoch + 1}, iteration {st.iteration} "
+                        f"(learning rate {self.optimizer.param_groups[0]['lr']:.3g} too high?); nothing was "
+                        "written for this run")
+                loss.backward()
+            total += float(loss.detach())
         t0 = time.perf_counter()
         if self.pruner is not None:
             self.pruner.after_backward()
@@ -218,6 +266,9 @@ class Trainer:
         self.optimizer.step()
         t0 = time.perf_counter()
         entry = self.pruner.after_step(self.optimizer) if self.pruner is not None else None
+        if entry is not None and self.dist.enabled:  # one decision for all ranks: rank 0's
+            self.pruner.set_masks(broadcast(self.dist, dict(self.pruner.masks.items())))
+            self.pruner.applier.clear_optimizer_state(self.optimizer)
         st.prune_seconds += time.perf_counter() - t0
         st.iteration += 1
         st.batch += 1
@@ -225,4 +276,4 @@ class Trainer:
             if self.on_prune:
                 self.on_prune(entry)
             self.save()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{total:.3f}", refresh=False)

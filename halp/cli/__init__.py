@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Subcommand modules; each defines ``register(subparsers)`` and sets ``func`` on its parser.
-COMMANDS = ("inspect", "slim", "lut")
+COMMANDS = ("inspect", "slim", "lut", "report")
 
 
 class UserError(Exception):

@@ -1,0 +1,157 @@
+"""What jobs share: the trained dense model and the device's latency table, built once per key
+under a file lock (so two jobs of a sweep never write the same file; the second waits and reuses)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from halp.distributed import SINGLE, DistEnv, barrier, broadcast
+from halp.engine import Trainer, evaluate
+from halp.fileio import atomic_write, atomic_write_text, file_lock
+from halp.graph import ChannelGraph
+from halp.latency.backends import get_backend
+from halp.latency.build import build_table, plan_build
+from halp.latency.calibration import recalibrate
+from halp.latency.table import LatencyTable
+from halp.latency.timing import Protocol, measure
+from halp.models import create_model
+
+from .config import JobConfig
+
+
+@dataclass
+class JobData:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+@dataclass
+class TableInfo:
+    table: LatencyTable
+    path: Path
+    seconds: float  # building it, or re-measuring its anchors
+    reused: bool
+    id: str         # content hash of the table file
+
+
+def key_of(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def say(cfg: JobConfig, msg: str) -> None:
+    if cfg.progress:
+        tqdm.write(f"[halp] {msg}")
+
+
+def _lock(stack: ExitStack, de: DistEnv, path: Path, what: str, cfg: JobConfig) -> None:
+    if de.is_main:  # one lock per job: rank 0 holds it for the job's processes
+        stack.enter_context(file_lock(path, what, say=lambda m: say(cfg, m)))
+
+
+def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SINGLE) -> tuple[torch.nn.Module, dict]:
+    """Train the dense model once per (model, data, schedule, seed) and reuse it."""
+    kw = {"width": cfg.model.width} if cfg.model.name.startswith("halp:") else {}
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, num_classes=splits.num_classes, in_chans=splits.input_shape[0], **kw)
+    key = key_of(asdict(cfg.model), asdict(cfg.data), asdict(cfg.dense), cfg.seed)
+    path = cache / "dense" / f"{cfg.model.name.replace(':', '_')}-{key}.pt"
+    with ExitStack() as stack:
+        _lock(stack, de, path, "training the dense model", cfg)
+        if broadcast(de, path.exists()):
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+            model.load_state_dict(blob["model"])
+            say(cfg, f"dense model reused from {path} (top-1 {blob['metrics']['top1']:.2f}%)")
+            return model, blob["metrics"] | {"train_seconds": 0.0, "cached": str(path)}
+        say(cfg, f"training the dense model for {cfg.dense.epochs} epoch(s)")
+        trainer = Trainer(model, splits.train, splits.val, cfg.dense, checkpoint=path.with_suffix(".partial.pt"),
+                          progress=cfg.progress, dist=de)
+        trainer.try_resume()
+        st = trainer.fit()
+        metrics = evaluate(model, splits.val, cfg.dense.eval_batch_size) if de.is_main else None
+        metrics = broadcast(de, metrics)
+        if de.is_main:
+            atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "metrics": metrics}, tmp))
+            path.with_suffix(".partial.pt").unlink(missing_ok=True)
+        barrier(de)
+    return model, metrics | {"train_seconds": st.train_seconds}
+
+
+def table_path(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> Path:
+    s = cfg.latency
+    shape = "x".join(map(str, graph.input_shape))
+    name = (f"{cfg.model.name.replace(':', '_')}-w{cfg.model.width}-{shape}-b{s.batch}-t{s.threads}-"
+            f"{s.backend}{'-cl' if s.channels_last else ''}-s{s.step}")
+    return cache / "luts" / f"{name}.json"
+
+
+def latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path, de: DistEnv = SINGLE,
+                  pinned: Path | None = None) -> TableInfo:
+    """Build the table for this model and setting, or reuse it (then re-measure its anchors).
+    Only rank 0 measures; the other ranks receive the table.
+
+    ``pinned`` (a run's own file, written by :func:`pin_anchors`): when the run is resumed, its
+    anchors are read back instead of re-measured, so that the resumed run prices channels exactly
+    as before the interruption and makes the same pruning decisions."""
+    info = _latency_table(cfg, graph, cache, pinned) if de.is_main else None
+    return broadcast(de, info)
+
+
+def _latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path, pinned: Path | None) -> TableInfo:
+    info = _load_or_build(cfg, graph, cache, pinned is not None and pinned.exists())
+    if pinned is not None and pinned.exists():
+        info.table.calibration = json.loads(pinned.read_text())
+        say(cfg, f"using the anchors this run measured before it was interrupted ({pinned.name})")
+    return info
+
+
+def pin_anchors(info: TableInfo, pinned: Path) -> None:
+    """Keep the anchors a run prices with, for :func:`latency_table` when the run resumes."""
+    if not pinned.exists():
+        atomic_write_text(pinned, json.dumps(info.table.calibration, indent=1) + "\n")
+
+
+def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchors: bool) -> TableInfo:
+    setting = cfg.latency.setting()
+    backend = get_backend(setting)
+    path = Path(cfg.latency.table) if cfg.latency.table else table_path(cfg, graph, cache)
+    with ExitStack() as stack:
+        if not cfg.latency.table:
+            _lock(stack, SINGLE, path, "building the latency table", cfg)
+        if not path.exists() and not cfg.latency.table:
+            say(cfg, f"building the latency table {path}")
+            t0 = time.perf_counter()
+            plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step)
+            table = build_table(plan, path, Protocol(rounds=cfg.latency.rounds), progress=cfg.progress)
+            return TableInfo(table, path, time.perf_counter() - t0, False, _file_id(path))
+        table = LatencyTable.load(path)
+        table.check_setting({**setting.__dict__, "memory_format": setting.memory_format}, backend.device()["name"],
+                            allow_mismatch=cfg.latency.allow_mismatch)
+        if skip_anchors:
+            return TableInfo(table, path, 0.0, True, _file_id(path))
+        say(cfg, f"latency table reused from {path}; re-measuring its end-to-end anchors")
+        t0 = time.perf_counter()
+        table.calibration = recalibrate(graph, table, setting)  # timings drift between runs
+        return TableInfo(table, path, time.perf_counter() - t0, True, _file_id(path))
+
+
+def measure_latency(cfg: JobConfig, models: list[torch.nn.Module], shape: tuple[int, ...]) -> list:
+    """End-to-end latency of ``models`` in the table's setting, interleaved in one run."""
+    setting = cfg.latency.setting()
+    backend = get_backend(setting)
+    with backend:
+        x = torch.randn(setting.batch, *shape)
+        return measure(backend, [backend.prepare(m.eval(), x) for m in models],
+                       Protocol(rounds=cfg.measure_rounds, sample_ms=50.0, seed=cfg.seed))
+
+
+def _file_id(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]

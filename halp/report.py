@@ -1,0 +1,465 @@
+"""Collect run records (``result.json``) and write the paper-style tables and figures.
+
+``build_report`` is the entry point; ``halp report`` (``halp/cli/report.py``) only parses arguments.
+Records are read tolerantly: a bad file is skipped with a warning, missing optional fields become
+NaN, and unknown scalar fields are carried into ``runs.csv``. Every output is written atomically.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats
+
+from .fileio import atomic_write
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper_numbers.csv"
+REQUIRED = ("method", "model", "dataset", "target_ratio", "pruned.top1", "pruned.latency_ms")
+KEYS = ["model", "dataset", "method", "target"]
+METHOD_ORDER = ("dense", "halp", "eagleeye", "taylor", "magnitude")
+LABELS = {"dense": "dense", "halp": "HALP", "eagleeye": "EagleEye", "taylor": "Taylor", "magnitude": "Magnitude"}
+COLORS = {"dense": "black", "halp": "tab:red", "eagleeye": "tab:blue", "taylor": "tab:green",
+          "magnitude": "tab:orange"}
+# aggregated metric -> column of runs.csv it is computed from
+METRICS = {"top1": "pruned.top1", "top5": "pruned.top5", "latency_ms": "pruned.latency_ms",
+           "speedup": "speedup", "macs": "pruned.macs", "params": "pruned.params",
+           "latency_vs_target": "latency_vs_target", "predicted_over_measured": "predicted_over_measured"}
+# the same metrics of the dense model, as every pruned run records it (rows for a "dense" line)
+DENSE_METRICS = {"top1": "dense.top1", "top5": "dense.top5", "latency_ms": "dense.latency_ms",
+                 "macs": "dense.macs", "params": "dense.params", "predicted_ms": "dense.predicted_ms"}
+# nested values that are not one number per run; widths are kept aside for the widths figure
+NOT_FLAT = {"config", "prune_log", "history", "chunk_sizes", "search", "lut.anchors", "pruned.widths"}
+# config keys expected to differ between the runs of one group
+VARYING = re.compile(r"(^|\.)(seed|target_ratio|target|progress|cache_dir|root|workers)$")
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class ReportSummary:
+    """What ``build_report`` did: the records used, the files skipped (and why), the files written."""
+    out_dir: Path
+    records: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    table_md: str = ""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if key in NOT_FLAT:
+            continue
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[key] = v
+    return out
+
+
+def _full_widths(rec: dict) -> dict | None:
+    """The dense model's group widths, from the latency table's calibration anchors."""
+    for a in (rec.get("lut") or {}).get("anchors") or []:
+        if isinstance(a, dict) and a.get("name") == "dense" and isinstance(a.get("widths"), dict):
+            return a["widths"]
+    return None
+
+
+def load_records(runs_dir: str | Path, warn: Warn | None = None) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """Read every ``**/result.json`` under ``runs_dir`` into one row per run.
+
+    Columns are the record's scalar fields flattened with dots (``pruned.top1``), plus ``run``
+    (directory relative to ``runs_dir``), ``target`` (rounded ratio), ``predicted_over_measured``,
+    and the object columns ``_widths``, ``_full_widths``, ``_config`` (not written to CSV).
+    Returns the frame and the skipped files with reasons. Raises FileNotFoundError if the
+    directory is missing and ValueError if it holds no usable record.
+    """
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs directory {root} does not exist (expected a directory of run "
+                                "folders, each with a result.json)")
+    rows, skipped = [], []
+    for path in sorted(root.rglob("result.json")):
+        try:
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+            flat = _flatten(rec)
+            missing = [k for k in REQUIRED if flat.get(k) is None]
+            if missing:
+                raise ValueError(f"missing required field(s) {', '.join(missing)}")
+            flat.update({k: str(flat[k]) for k in ("method", "model", "dataset")})
+            flat["target"] = round(float(flat["target_ratio"]), 4)
+            float(flat["pruned.top1"]), float(flat["pruned.latency_ms"])  # must be numbers
+        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            reason = f"invalid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+            skipped.append((path, reason))
+            warn(f"skipping {path}: {reason}")
+            continue
+        flat["run"] = str(path.parent.relative_to(root)) or "."
+        widths = (rec.get("pruned") or {}).get("widths")
+        flat["_widths"] = widths if isinstance(widths, dict) else None
+        flat["_full_widths"] = _full_widths(rec)
+        flat["_config"] = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+        rows.append(flat)
+    if not rows:
+        raise ValueError(f"no usable result.json under {root}" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    df = pd.DataFrame(rows)
+    for col in ("seed", "speedup", "latency_vs_target", "pruned.predicted_ms", "pruned.target_ms",
+                "dense.latency_ms", "dense.predicted_ms"):
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
+    # older records may lack the derived ratios; recompute them where the parts exist
+    df["speedup"] = df["speedup"].fillna(df["dense.latency_ms"] / df["pruned.latency_ms"])
+    df["latency_vs_target"] = df["latency_vs_target"].fillna(df["pruned.latency_ms"] / df["pruned.target_ms"])
+    df["predicted_over_measured"] = df["pruned.predicted_ms"] / df["pruned.latency_ms"]
+    return df, skipped
+
+
+def mean_ci(values: Any, level: float = 0.95) -> tuple[float, float, int]:
+    """Mean, Student-t confidence half-width and count of the finite values (half-width NaN if n < 2)."""
+    x = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return math.nan, math.nan, 0
+    if len(x) == 1:
+        return float(x[0]), math.nan, 1
+    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(half), len(x)
+
+
+def _per_run_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (or per seed for dense rows derived from the pruned runs' dense blocks)."""
+    m = df[KEYS + ["seed"]].copy()
+    for name, col in METRICS.items():
+        m[name] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
+    m["source"] = "runs"
+    with_dense = set(df.loc[df["method"] == "dense", "model"] + "\0" + df.loc[df["method"] == "dense", "dataset"])
+    rest = df[~(df["model"] + "\0" + df["dataset"]).isin(with_dense)]
+    if "dense.top1" not in rest or rest.empty:
+        return m
+    cols = [c for c in DENSE_METRICS.values() if c in rest]
+    per_seed = rest[["model", "dataset", "seed"]].join(rest[cols].apply(pd.to_numeric, errors="coerce"))
+    per_seed = per_seed.groupby(["model", "dataset", "seed"], dropna=False)[cols].mean().reset_index()
+    d = per_seed[["model", "dataset", "seed"]].assign(method="dense", target=1.0, speedup=1.0,
+                                                      latency_vs_target=np.nan, source="dense blocks of the pruned runs")
+    for name, col in DENSE_METRICS.items():
+        d[name] = per_seed[col] if col in per_seed else np.nan
+    d["predicted_over_measured"] = d.pop("predicted_ms") / d["latency_ms"]
+    return pd.concat([m, d], ignore_index=True)
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, dataset, method, target): n, seeds, source and ``<metric>_mean``/``_ci``."""
+    rows = []
+    for key, grp in _per_run_metrics(df).groupby(KEYS, sort=False):
+        row = dict(zip(KEYS, key), n=len(grp), source=grp["source"].iloc[0],
+                   seeds=",".join(str(int(s)) if np.isfinite(s) else "?" for s in sorted(grp["seed"].astype(float))))
+        for name in METRICS:
+            row[f"{name}_mean"], row[f"{name}_ci"], _ = mean_ci(grp[name])
+        rows.append(row)
+    agg = pd.DataFrame(rows)
+    order = agg["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    agg = agg.assign(_o=order).sort_values(["model", "dataset", "_o", "method", "target"],
+                                           ascending=[True, True, True, True, False])
+    return agg.drop(columns="_o").reset_index(drop=True)
+
+
+def check_groups(df: pd.DataFrame) -> list[str]:
+    """Warnings about groups that repeat a seed or mix configurations (other than seed/target)."""
+    out = []
+    seeds = df.groupby(KEYS + ["seed"], dropna=False).size()
+    for key, n in seeds[seeds > 1].items():
+        out.append(f"{n} records for {'/'.join(map(str, key[:4]))} seed {key[4]}: all counted as separate runs")
+    for key, grp in df.groupby(KEYS):
+        flats = [{k: v for k, v in _flatten(c).items() if not VARYING.search(k)} for c in grp["_config"]]
+        differ = sorted({k for f in flats for k in f if any(g.get(k) != f.get(k) for g in flats)})
+        if differ:
+            out.append(f"{'/'.join(map(str, key))} mixes configurations differing in {', '.join(differ[:6])}"
+                       + (" ..." if len(differ) > 6 else ""))
+    return out
+
+
+def _fmt(mean: float, ci: float, digits: int) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± " + (f"{ci:.{digits}f}" if np.isfinite(ci) else "–")
+
+
+def _scale(values: pd.Series, units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+    top = float(np.nanmax(values)) if np.isfinite(values.to_numpy(float)).any() else 0.0
+    return next(((f, u) for f, u in units if top >= f), units[-1])
+
+
+def _lat_digits(ms: float) -> int:
+    return 1 if ms >= 100 else 2 if ms >= 10 else 3
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows])
+
+
+def _device_line(df: pd.DataFrame) -> str:
+    cols = [c for c in ("lut.device.name", "lut.setting.backend", "lut.setting.batch", "lut.setting.threads")
+            if c in df]
+    if not cols:  # older records without latency-table metadata
+        return "not recorded"
+    parts = []
+    for _, r in df.drop_duplicates(cols).iterrows():
+        get = lambda k: r.get(k) if k in r and pd.notna(r.get(k)) else "?"  # noqa: E731
+        parts.append(f"{get('lut.device.name')} ({get('lut.device.kind')}), {get('lut.setting.backend')}, "
+                     f"batch {get('lut.setting.batch')}, {get('lut.setting.threads')} thread(s)")
+    return "; ".join(parts[:4]) + (" (mixed devices/settings!)" if len(parts) > 1 else "")
+
+
+def section_table(agg: pd.DataFrame, extra: bool = True) -> str:
+    """The paper-layout Markdown table of one model/dataset section of ``aggregate``'s output."""
+    mf, mu = _scale(agg["macs_mean"], ((1e9, "G"), (1e6, "M"), (1e3, "k")))
+    pf, pu = _scale(agg["params_mean"], ((1e6, "M"), (1e3, "k")))
+    ld = _lat_digits(float(np.nanmax(agg["latency_ms_mean"])))
+    header = ["method", "target", f"MACs ({mu})", "top-1 (%)", "latency (ms)", "speedup"]
+    header += ["n", f"params ({pu})", "measured/target", "predicted/measured"] if extra else []
+    rows = []
+    for _, r in agg.iterrows():
+        label = LABELS.get(r["method"], r["method"]) + (" *" if r["source"] != "runs" else "")
+        row = [label, f"{r['target']:.0%}", _fmt(r["macs_mean"] / mf, r["macs_ci"] / mf, 2),
+               _fmt(r["top1_mean"], r["top1_ci"], 2), _fmt(r["latency_ms_mean"], r["latency_ms_ci"], ld),
+               _fmt(r["speedup_mean"], r["speedup_ci"], 2)]
+        if extra:
+            row += [str(r["n"]), _fmt(r["params_mean"] / pf, r["params_ci"] / pf, 1),
+                    _fmt(r["latency_vs_target_mean"], r["latency_vs_target_ci"], 3),
+                    _fmt(r["predicted_over_measured_mean"], r["predicted_over_measured_ci"], 3)]
+        rows.append(row)
+    return _md_table(header, rows)
+
+
+def _sections(agg: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    return [(m, d, g) for (m, d), g in agg.groupby(["model", "dataset"], sort=True)]
+
+
+def results_markdown(df: pd.DataFrame, agg: pd.DataFrame) -> str:
+    """``table.md``: one section per model/dataset, means ± 95 % CI over seeds."""
+    out = ["# Results", "",
+           "Mean over seeds ± half-width of the 95 % confidence interval (Student t); \"–\" where n = 1. "
+           "Latency is measured end to end; speedup = dense / pruned measured latency within each run; "
+           "measured/target = pruned latency / (target × dense latency); predicted = latency-table estimate.", ""]
+    for model, dataset, g in _sections(agg):
+        runs = df[(df["model"] == model) & (df["dataset"] == dataset)]
+        out += [f"## {model} on {dataset}", "", f"Device: {_device_line(runs)}", "", section_table(g), ""]
+        if (g["source"] != "runs").any():
+            out += ["\\* dense row derived from the dense model measured in each pruned run (no `method=dense` "
+                    "record); n counts seeds.", ""]
+    return "\n".join(out)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower().rsplit(":", 1)[-1])
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    a, b = _norm(a), _norm(b)
+    return bool(a and b) and (a.startswith(b) or b.startswith(a))
+
+
+def paper_markdown(agg: pd.DataFrame, reference: Path) -> str:
+    """``paper.md``: published rows (with their grade) beside ours, per model/dataset we ran."""
+    out = ["# Published numbers beside ours", ""]
+    if not reference.is_file():
+        return "\n".join(out + [f"Reference file {reference} not found; no published numbers to show.", ""])
+    ref = pd.read_csv(reference, dtype=str, keep_default_na=False)
+    cols = list(ref.columns)
+    if not {"model", "dataset"} <= set(cols):
+        return "\n".join(out + [f"Reference file {reference} has no model/dataset columns ({', '.join(cols)}).", ""])
+    out += [f"Source: `{reference}` ({len(ref)} rows). `grade`: primary = copied from the authors' own "
+            "release/abstract; secondary = a summary to be verified against the paper. Published hardware "
+            "and accuracy deltas are as stated in the file; they are not re-measured.", ""]
+    ref_models = sorted(set(ref["model"].map(_norm)))
+    for model, dataset, g in _sections(agg):
+        out += [f"## {model} on {dataset}", ""]
+        mine = ref[ref["model"].map(_norm) == _norm(model)]
+        same = mine[mine["dataset"].map(lambda d: _same_dataset(d, dataset))] if len(mine) else mine
+        if len(same):
+            out += [f"Published rows for {_norm(model)} on {dataset}:", "", _md_table(cols, same.values.tolist()), ""]
+        else:
+            if len(mine):
+                shown = mine
+                out += [f"The file has {_norm(model)} only on {', '.join(sorted(set(mine['dataset'])))}, "
+                        f"not on {dataset}: **our numbers have no published counterpart**; the rows below "
+                        "are for orientation, not comparison.", ""]
+            else:
+                close = difflib.get_close_matches(_norm(model), ref_models, n=2, cutoff=0.5)
+                shown = ref[ref["model"].map(_norm).isin(close)] if close else ref
+                out += [f"No published row for model `{model}` in the file (it covers "
+                        f"{', '.join(sorted(set(ref['dataset'])))}). **Our {model} / {dataset} results, measured "
+                        "on our own device, have no paper counterpart.** "
+                        + (f"Rows for the closest model name(s) ({', '.join(close)}), for orientation only:"
+                           if close else "All rows of the file, for orientation only:"), ""]
+            out += [_md_table(cols, shown.values.tolist()), ""]
+        out += ["Ours:", "", section_table(g, extra=False), ""]
+    return "\n".join(out)
+
+
+def _panel_grid(n: int, w: float = 6.0, h: float = 4.5) -> tuple[Figure, list]:
+    cols = min(2, max(1, n))
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(w * cols, h * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    return fig, axes
+
+
+def _write(path: Path, write: Callable[[str], None]) -> Path:
+    """``atomic_write``, but with the usual umask permissions (mkstemp's temp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def _write_tmp(tmp: str) -> None:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
+    return atomic_write(path, _write_tmp)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    return _write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def pareto_figure(agg: pd.DataFrame) -> Figure:
+    """Top-1 vs measured latency per method (error bars = 95 % CI), dense as a star and a dashed line."""
+    secs = _sections(agg)
+    fig, axes = _panel_grid(len(secs))
+    for ax, (model, dataset, g) in zip(axes, secs):
+        for method, mg in g.groupby("method", sort=False):
+            mg = mg.sort_values("latency_ms_mean")
+            c = COLORS.get(method)
+            if method == "dense":
+                r = mg.iloc[0]
+                ax.axhline(r["top1_mean"], color="gray", ls="--", lw=1)
+                ax.plot(r["latency_ms_mean"], r["top1_mean"], "*", ms=16, color=c, label="dense", zorder=5)
+                continue
+            ax.errorbar(mg["latency_ms_mean"], mg["top1_mean"], xerr=mg["latency_ms_ci"].fillna(0),
+                        yerr=mg["top1_ci"].fillna(0), fmt="-o", color=c, capsize=3,
+                        label=LABELS.get(method, method))
+            for _, r in mg.iterrows():
+                ax.annotate(f"{r['target']:.0%}", (r["latency_ms_mean"], r["top1_mean"]), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points", color=c)
+        ax.set(title=f"{model} on {dataset}", xlabel="measured latency (ms)", ylabel="top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="method (labels: latency target)", title_fontsize=8)
+    return fig
+
+
+def predicted_figure(df: pd.DataFrame) -> Figure:
+    """Predicted (latency table) vs measured pruned latency, one point per run, y = x for reference."""
+    secs = [(k, g) for k, g in df.groupby(["model", "dataset"], sort=True)]
+    fig, axes = _panel_grid(len(secs), 5.5, 5.0)
+    for ax, ((model, dataset), g) in zip(axes, secs):
+        g = g[np.isfinite(g["pruned.predicted_ms"])]
+        for method, mg in g.groupby("method", sort=False):
+            ax.scatter(mg["pruned.latency_ms"], mg["pruned.predicted_ms"], s=30, alpha=0.8,
+                       color=COLORS.get(method), label=LABELS.get(method, method))
+        vals = pd.concat([g["pruned.latency_ms"], g["pruned.predicted_ms"]]).astype(float)
+        lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 1.0)
+        pad = 0.08 * (hi - lo or hi or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x")
+        ratio = (g["pruned.predicted_ms"] / g["pruned.latency_ms"]).median() if len(g) else math.nan
+        ax.text(0.98, 0.02, f"median predicted/measured = {ratio:.3f}\n{len(g)} run(s)", ha="right",
+                va="bottom", transform=ax.transAxes, fontsize=9)
+        ax.set(title=f"{model} on {dataset}", xlabel="measured latency of the pruned model (ms)", ylabel="predicted latency (ms, latency table)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def widths_figure(df: pd.DataFrame) -> Figure | None:
+    """Kept fraction of each channel group (median over seeds), one panel per model/dataset/method."""
+    ok = df[(df["method"] != "dense") & df["_widths"].map(lambda w: isinstance(w, dict) and bool(w))]
+    panels = [(k, g) for k, g in ok.groupby(["model", "dataset", "method"], sort=True)]
+    if not panels:
+        return None
+    n_groups = max(len(w) for w in ok["_widths"])
+    width = min(24.0, max(8.0, 0.32 * n_groups + 2))
+    fig = Figure(figsize=(width, 3.6 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, ((model, dataset, method), g) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        names = list(g["_widths"].iloc[0])  # group order as the record lists it (network order)
+        # full widths from the latency table's dense anchor; else the widest seen in any run
+        full = next((f for f in df.loc[df["model"] == model, "_full_widths"] if isinstance(f, dict)), None)
+        if full is None:
+            full = {k: max(w.get(k, 0) for w in df.loc[df["model"] == model, "_widths"] if isinstance(w, dict))
+                    for k in names}
+        targets = sorted(g["target"].unique(), reverse=True)
+        bw = 0.8 / len(targets)
+        x = np.arange(len(names))
+        for j, t in enumerate(targets):
+            tg = g[g["target"] == t]
+            frac = np.array([[w.get(k, np.nan) / full[k] if full.get(k) else np.nan for k in names]
+                             for w in tg["_widths"]], float)
+            med, pos = np.nanmedian(frac, axis=0), x + (j - (len(targets) - 1) / 2) * bw
+            bars = ax.bar(pos, med, bw, label=f"target {t:.0%} (n={len(tg)})")
+            gone = med == 0  # a group removed entirely has no bar; mark it so it is not read as missing
+            ax.plot(pos[gone], np.full(gone.sum(), 0.03), "x", color=bars.patches[0].get_facecolor(), ms=6)
+        ax.set_xticks(x, names, rotation=90, fontsize=7 if len(names) > 30 else 8)
+        ax.set(ylim=(0, 1.3), ylabel="kept fraction of channels", xlabel="channel group (network order; x = removed)",
+               title=f"{LABELS.get(method, method)}: {model} on {dataset} (median over seeds)")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, ncol=min(len(targets), 6), loc="upper center")
+    return fig
+
+
+def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, reference: str | Path | None = None,
+                 formats: tuple[str, ...] = ("md", "csv"), figures: bool = True,
+                 warn: Warn | None = None) -> ReportSummary:
+    """Collect the records under ``runs_dir`` and write tables (``formats``: md, csv) and figures.
+
+    ``out_dir`` defaults to ``runs_dir/report``; ``reference`` to the repo's paper_numbers.csv.
+    Warnings (skipped records, mixed groups) go to ``warn`` (default: stderr) and the summary.
+    """
+    summary_warnings: list[str] = []
+
+    def _warn(msg: str) -> None:
+        summary_warnings.append(msg)
+        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(msg)
+
+    df, skipped = load_records(runs_dir, _warn)
+    out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for msg in check_groups(df):
+        _warn(msg)
+    agg = aggregate(df)
+    table_md = results_markdown(df, agg)
+    written: list[Path] = []
+    if "md" in formats:
+        written.append(_write(out / "table.md", lambda tmp: Path(tmp).write_text(table_md)))
+        paper = paper_markdown(agg, Path(reference or DEFAULT_REFERENCE))
+        written.append(_write(out / "paper.md", lambda tmp: Path(tmp).write_text(paper)))
+    if "csv" in formats:
+        written.append(_write(out / "table.csv", lambda tmp: agg.to_csv(tmp, index=False)))
+        plain = df.drop(columns=[c for c in df if c.startswith("_")])
+        lead = ["run", "method", "model", "dataset", "seed", "target"]
+        plain = plain[lead + [c for c in plain if c not in lead]]
+        written.append(_write(out / "runs.csv", lambda tmp: plain.to_csv(tmp, index=False)))
+    if figures:
+        written.append(_save(pareto_figure(agg), out / "pareto.png"))
+        written.append(_save(predicted_figure(df), out / "predicted_vs_measured.png"))
+        wf = widths_figure(df)
+        if wf is None:
+            _warn("no per-group widths in the records; widths.png not written")
+        else:
+            written.append(_save(wf, out / "widths.png"))
+    return ReportSummary(out, len(df), skipped, written, summary_warnings, table_md)
