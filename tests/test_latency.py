@@ -372,3 +372,17 @@ def test_real_cpu_build_show_validate(tmp_path, capsys):
     assert "median |err|" in text and "conv-only" in text
     assert main(["lut", "build", "halp:resnet20", *args, "--step", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "positive number" in capsys.readouterr().err
+
+
+def test_anchor_map_falls_back_to_scale_when_anchors_contradict_themselves():
+    from halp.latency.calibration import apply_knots, overhead_knots
+    dense = (1.70, 1.93)
+    good = [(1.60, 1.61), (1.65, 1.75), dense]
+    xs, ys = overhead_knots("anchors", good, dense)
+    assert xs.tolist() == [1.60, 1.65, 1.70] and ys.tolist() == [1.61, 1.75, 1.93]
+    # the "half" network measured faster than the "smallest" one: slopes would be <= 0
+    with pytest.warns(RuntimeWarning, match="not increasing"):
+        xs, ys = overhead_knots("anchors", [(1.60, 1.61), (2.10, 1.81), (1.70, 1.93)], dense)
+    assert xs.tolist() == [0.0, 1.70] and ys.tolist() == [0.0, 1.93]
+    value, slope = apply_knots(xs, ys, 0.85)
+    assert value == pytest.approx(1.93 / 2) and slope == pytest.approx(1.93 / 1.70)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import warnings
 
 import numpy as np
 import torch
@@ -84,6 +85,14 @@ def overhead_knots(mode: str, anchors: list[tuple[float, float]], dense: tuple[f
     xs, ys = xs[keep], ys[keep]
     if len(xs) < 2:
         return np.array([ud - 1.0, ud]), np.array([md - 1.0, md])
+    if np.any(np.diff(ys) <= 0):
+        # Less work measured as slower (noise, or a network too small for width to matter): a
+        # piecewise map would have flat or negative slopes, pricing channels at zero or below and
+        # extrapolating to nonsense. Fall back to the one-anchor proportional map.
+        warnings.warn(f"end-to-end anchors are not increasing with the units' sum ({np.round(ys, 4).tolist()} ms "
+                      f"at {np.round(xs, 4).tolist()}); using overhead='scale' (the dense anchor alone)",
+                      RuntimeWarning, stacklevel=2)
+        return np.array([0.0, ud]), np.array([0.0, md])
     return xs, ys
 
 
