@@ -69,9 +69,14 @@ def test_sbatch_runs_and_is_accounted(slurm_env, tmp_path):
 
     text = (tmp_path / f"job-{job_id}.out").read_text()
     assert "hello-from-slurm" in text
-    acct = subprocess.run(["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "JobName,Partition,ExitCode"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    assert acct == f"halp-hello|{slurm_env['HALP_SLURM_PARTITION']}|0:0"
+    # slurmctld sends the job's records to slurmdbd asynchronously: its name and partition may land
+    # a moment after its final state
+    want = f"halp-hello|{slurm_env['HALP_SLURM_PARTITION']}|0:0"
+
+    def acct() -> str:
+        return subprocess.run(["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "JobName,Partition,ExitCode"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    _wait_until(lambda: acct() == want, f"the accounting record of job {job_id} to read {want!r}")
 
 
 def multiply(a: int, b: int) -> dict:
@@ -82,7 +87,8 @@ def test_submitit_job_returns_value(slurm_env, tmp_path):
     job = _executor(tmp_path, slurm_env).submit(multiply, 6, 7)
     result = job.result()
     assert result == {"product": 42, "job_id": str(job.job_id)}
-    assert job.state == "COMPLETED"
+    # submitit reads the state from sacct, which may lag the result file by a poll or two
+    _wait_until(lambda: job.state == "COMPLETED", f"sacct to report job {job.job_id} COMPLETED")
 
 
 class CountingCheckpointable(submitit.helpers.Checkpointable):
@@ -116,4 +122,4 @@ def test_submitit_checkpoint_requeue_resumes(slurm_env, tmp_path):
     assert result == {"value": 42, "runs": 2, "restarts": 1}
     assert (work / "runs.txt").read_text() == "2"
     assert (work / "started").read_text() == str(job.job_id)
-    assert job.state == "COMPLETED"
+    _wait_until(lambda: job.state == "COMPLETED", "sacct to report the requeued job COMPLETED")
