@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,23 +17,20 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy import stats
 
 from .fileio import atomic_write
+from .figures import LABELS, pareto_figure, predicted_figure, save_png, sections, widths_figure
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper_numbers.csv"
 REQUIRED = ("method", "model", "dataset", "target_ratio", "pruned.top1", "pruned.latency_ms")
 KEYS = ["model", "dataset", "method", "target"]
 METHOD_ORDER = ("dense", "halp", "eagleeye", "taylor", "magnitude")
-LABELS = {"dense": "dense", "halp": "HALP", "eagleeye": "EagleEye", "taylor": "Taylor", "magnitude": "Magnitude"}
-COLORS = {"dense": "black", "halp": "tab:red", "eagleeye": "tab:blue", "taylor": "tab:green",
-          "magnitude": "tab:orange"}
 # aggregated metric -> column of runs.csv it is computed from
 METRICS = {"top1": "pruned.top1", "top5": "pruned.top5", "latency_ms": "pruned.latency_ms",
            "speedup": "speedup", "macs": "pruned.macs", "params": "pruned.params",
-           "latency_vs_target": "latency_vs_target", "predicted_over_measured": "predicted_over_measured"}
+           "latency_vs_target": "latency_vs_target", "predicted_over_measured": "predicted_over_measured",
+           "method_seconds": "method_seconds"}
 # the same metrics of the dense model, as every pruned run records it (rows for a "dense" line)
 DENSE_METRICS = {"top1": "dense.top1", "top5": "dense.top5", "latency_ms": "dense.latency_ms",
                  "macs": "dense.macs", "params": "dense.params", "predicted_ms": "dense.predicted_ms"}
@@ -126,6 +122,10 @@ def load_records(runs_dir: str | Path, warn: Warn | None = None) -> tuple[pd.Dat
     df["speedup"] = df["speedup"].fillna(df["dense.latency_ms"] / df["pruned.latency_ms"])
     df["latency_vs_target"] = df["latency_vs_target"].fillna(df["pruned.latency_ms"] / df["pruned.target_ms"])
     df["predicted_over_measured"] = df["pruned.predicted_ms"] / df["pruned.latency_ms"]
+    # the method's own wall time: the job without the dense training and table it shares with others
+    wall = {k: pd.to_numeric(df[f"wall_seconds.{k}"], errors="coerce") if f"wall_seconds.{k}" in df
+            else pd.Series(np.nan, index=df.index) for k in ("total", "dense_train", "lut")}
+    df["method_seconds"] = wall["total"] - wall["dense_train"].fillna(0) - wall["lut"].fillna(0)
     return df, skipped
 
 
@@ -232,7 +232,7 @@ def section_table(agg: pd.DataFrame, extra: bool = True) -> str:
     pf, pu = _scale(agg["params_mean"], ((1e6, "M"), (1e3, "k")))
     ld = _lat_digits(float(np.nanmax(agg["latency_ms_mean"])))
     header = ["method", "target", f"MACs ({mu})", "top-1 (%)", "latency (ms)", "speedup"]
-    header += ["n", f"params ({pu})", "measured/target", "predicted/measured"] if extra else []
+    header += ["n", f"params ({pu})", "measured/target", "predicted/measured", "wall (s)"] if extra else []
     rows = []
     for _, r in agg.iterrows():
         label = LABELS.get(r["method"], r["method"]) + (" *" if r["source"] != "runs" else "")
@@ -242,13 +242,10 @@ def section_table(agg: pd.DataFrame, extra: bool = True) -> str:
         if extra:
             row += [str(r["n"]), _fmt(r["params_mean"] / pf, r["params_ci"] / pf, 1),
                     _fmt(r["latency_vs_target_mean"], r["latency_vs_target_ci"], 3),
-                    _fmt(r["predicted_over_measured_mean"], r["predicted_over_measured_ci"], 3)]
+                    _fmt(r["predicted_over_measured_mean"], r["predicted_over_measured_ci"], 3),
+                    _fmt(r["method_seconds_mean"], r["method_seconds_ci"], 0)]
         rows.append(row)
     return _md_table(header, rows)
-
-
-def _sections(agg: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    return [(m, d, g) for (m, d), g in agg.groupby(["model", "dataset"], sort=True)]
 
 
 def results_markdown(df: pd.DataFrame, agg: pd.DataFrame) -> str:
@@ -256,8 +253,9 @@ def results_markdown(df: pd.DataFrame, agg: pd.DataFrame) -> str:
     out = ["# Results", "",
            "Mean over seeds ± half-width of the 95 % confidence interval (Student t); \"–\" where n = 1. "
            "Latency is measured end to end; speedup = dense / pruned measured latency within each run; "
-           "measured/target = pruned latency / (target × dense latency); predicted = latency-table estimate.", ""]
-    for model, dataset, g in _sections(agg):
+           "measured/target = pruned latency / (target × dense latency); predicted = latency-table estimate; "
+           "wall = the job's wall time without the dense training and latency-table build it shares.", ""]
+    for model, dataset, g in sections(agg):
         runs = df[(df["model"] == model) & (df["dataset"] == dataset)]
         out += [f"## {model} on {dataset}", "", f"Device: {_device_line(runs)}", "", section_table(g), ""]
         if (g["source"] != "runs").any():
@@ -288,7 +286,7 @@ def paper_markdown(agg: pd.DataFrame, reference: Path) -> str:
             "release/abstract; secondary = a summary to be verified against the paper. Published hardware "
             "and accuracy deltas are as stated in the file; they are not re-measured.", ""]
     ref_models = sorted(set(ref["model"].map(_norm)))
-    for model, dataset, g in _sections(agg):
+    for model, dataset, g in sections(agg):
         out += [f"## {model} on {dataset}", ""]
         mine = ref[ref["model"].map(_norm) == _norm(model)]
         same = mine[mine["dataset"].map(lambda d: _same_dataset(d, dataset))] if len(mine) else mine
@@ -311,115 +309,6 @@ def paper_markdown(agg: pd.DataFrame, reference: Path) -> str:
             out += [_md_table(cols, shown.values.tolist()), ""]
         out += ["Ours:", "", section_table(g, extra=False), ""]
     return "\n".join(out)
-
-
-def _panel_grid(n: int, w: float = 6.0, h: float = 4.5) -> tuple[Figure, list]:
-    cols = min(2, max(1, n))
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(w * cols, h * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
-    return fig, axes
-
-
-def _write(path: Path, write: Callable[[str], None]) -> Path:
-    """``atomic_write``, but with the usual umask permissions (mkstemp's temp files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def _write_tmp(tmp: str) -> None:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)
-    return atomic_write(path, _write_tmp)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    return _write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
-def pareto_figure(agg: pd.DataFrame) -> Figure:
-    """Top-1 vs measured latency per method (error bars = 95 % CI), dense as a star and a dashed line."""
-    secs = _sections(agg)
-    fig, axes = _panel_grid(len(secs))
-    for ax, (model, dataset, g) in zip(axes, secs):
-        for method, mg in g.groupby("method", sort=False):
-            mg = mg.sort_values("latency_ms_mean")
-            c = COLORS.get(method)
-            if method == "dense":
-                r = mg.iloc[0]
-                ax.axhline(r["top1_mean"], color="gray", ls="--", lw=1)
-                ax.plot(r["latency_ms_mean"], r["top1_mean"], "*", ms=16, color=c, label="dense", zorder=5)
-                continue
-            ax.errorbar(mg["latency_ms_mean"], mg["top1_mean"], xerr=mg["latency_ms_ci"].fillna(0),
-                        yerr=mg["top1_ci"].fillna(0), fmt="-o", color=c, capsize=3,
-                        label=LABELS.get(method, method))
-            for _, r in mg.iterrows():
-                ax.annotate(f"{r['target']:.0%}", (r["latency_ms_mean"], r["top1_mean"]), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points", color=c)
-        ax.set(title=f"{model} on {dataset}", xlabel="measured latency (ms)", ylabel="top-1 accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="method (labels: latency target)", title_fontsize=8)
-    return fig
-
-
-def predicted_figure(df: pd.DataFrame) -> Figure:
-    """Predicted (latency table) vs measured pruned latency, one point per run, y = x for reference."""
-    secs = [(k, g) for k, g in df.groupby(["model", "dataset"], sort=True)]
-    fig, axes = _panel_grid(len(secs), 5.5, 5.0)
-    for ax, ((model, dataset), g) in zip(axes, secs):
-        g = g[np.isfinite(g["pruned.predicted_ms"])]
-        for method, mg in g.groupby("method", sort=False):
-            ax.scatter(mg["pruned.latency_ms"], mg["pruned.predicted_ms"], s=30, alpha=0.8,
-                       color=COLORS.get(method), label=LABELS.get(method, method))
-        vals = pd.concat([g["pruned.latency_ms"], g["pruned.predicted_ms"]]).astype(float)
-        lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 1.0)
-        pad = 0.08 * (hi - lo or hi or 1.0)
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x")
-        ratio = (g["pruned.predicted_ms"] / g["pruned.latency_ms"]).median() if len(g) else math.nan
-        ax.text(0.98, 0.02, f"median predicted/measured = {ratio:.3f}\n{len(g)} run(s)", ha="right",
-                va="bottom", transform=ax.transAxes, fontsize=9)
-        ax.set(title=f"{model} on {dataset}", xlabel="measured latency of the pruned model (ms)", ylabel="predicted latency (ms, latency table)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return fig
-
-
-def widths_figure(df: pd.DataFrame) -> Figure | None:
-    """Kept fraction of each channel group (median over seeds), one panel per model/dataset/method."""
-    ok = df[(df["method"] != "dense") & df["_widths"].map(lambda w: isinstance(w, dict) and bool(w))]
-    panels = [(k, g) for k, g in ok.groupby(["model", "dataset", "method"], sort=True)]
-    if not panels:
-        return None
-    n_groups = max(len(w) for w in ok["_widths"])
-    width = min(24.0, max(8.0, 0.32 * n_groups + 2))
-    fig = Figure(figsize=(width, 3.6 * len(panels)), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, ((model, dataset, method), g) in enumerate(panels):
-        ax = fig.add_subplot(len(panels), 1, i + 1)
-        names = list(g["_widths"].iloc[0])  # group order as the record lists it (network order)
-        # full widths from the latency table's dense anchor; else the widest seen in any run
-        full = next((f for f in df.loc[df["model"] == model, "_full_widths"] if isinstance(f, dict)), None)
-        if full is None:
-            full = {k: max(w.get(k, 0) for w in df.loc[df["model"] == model, "_widths"] if isinstance(w, dict))
-                    for k in names}
-        targets = sorted(g["target"].unique(), reverse=True)
-        bw = 0.8 / len(targets)
-        x = np.arange(len(names))
-        for j, t in enumerate(targets):
-            tg = g[g["target"] == t]
-            frac = np.array([[w.get(k, np.nan) / full[k] if full.get(k) else np.nan for k in names]
-                             for w in tg["_widths"]], float)
-            med, pos = np.nanmedian(frac, axis=0), x + (j - (len(targets) - 1) / 2) * bw
-            bars = ax.bar(pos, med, bw, label=f"target {t:.0%} (n={len(tg)})")
-            gone = med == 0  # a group removed entirely has no bar; mark it so it is not read as missing
-            ax.plot(pos[gone], np.full(gone.sum(), 0.03), "x", color=bars.patches[0].get_facecolor(), ms=6)
-        ax.set_xticks(x, names, rotation=90, fontsize=7 if len(names) > 30 else 8)
-        ax.set(ylim=(0, 1.3), ylabel="kept fraction of channels", xlabel="channel group (network order; x = removed)",
-               title=f"{LABELS.get(method, method)}: {model} on {dataset} (median over seeds)")
-        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncol=min(len(targets), 6), loc="upper center")
-    return fig
 
 
 def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, reference: str | Path | None = None,
@@ -445,21 +334,21 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
     table_md = results_markdown(df, agg)
     written: list[Path] = []
     if "md" in formats:
-        written.append(_write(out / "table.md", lambda tmp: Path(tmp).write_text(table_md)))
+        written.append(atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table_md)))
         paper = paper_markdown(agg, Path(reference or DEFAULT_REFERENCE))
-        written.append(_write(out / "paper.md", lambda tmp: Path(tmp).write_text(paper)))
+        written.append(atomic_write(out / "paper.md", lambda tmp: Path(tmp).write_text(paper)))
     if "csv" in formats:
-        written.append(_write(out / "table.csv", lambda tmp: agg.to_csv(tmp, index=False)))
+        written.append(atomic_write(out / "table.csv", lambda tmp: agg.to_csv(tmp, index=False)))
         plain = df.drop(columns=[c for c in df if c.startswith("_")])
         lead = ["run", "method", "model", "dataset", "seed", "target"]
         plain = plain[lead + [c for c in plain if c not in lead]]
-        written.append(_write(out / "runs.csv", lambda tmp: plain.to_csv(tmp, index=False)))
+        written.append(atomic_write(out / "runs.csv", lambda tmp: plain.to_csv(tmp, index=False)))
     if figures:
-        written.append(_save(pareto_figure(agg), out / "pareto.png"))
-        written.append(_save(predicted_figure(df), out / "predicted_vs_measured.png"))
+        written.append(save_png(pareto_figure(agg), out / "pareto.png"))
+        written.append(save_png(predicted_figure(df), out / "predicted_vs_measured.png"))
         wf = widths_figure(df)
         if wf is None:
             _warn("no per-group widths in the records; widths.png not written")
         else:
-            written.append(_save(wf, out / "widths.png"))
+            written.append(save_png(wf, out / "widths.png"))
     return ReportSummary(out, len(df), skipped, written, summary_warnings, table_md)

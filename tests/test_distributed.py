@@ -85,3 +85,28 @@ def test_batch_must_split_over_ranks_and_micro_batches():
     with pytest.raises(ValueError, match="split evenly over 3 process"):
         Trainer(graph.model, train, val, TrainConfig(batch_size=32), dist=distributed.DistEnv(0, 3))
     assert isinstance(pruner, HalpPruner)
+
+
+def test_torchrun_job_with_two_processes_prunes_like_one_process(tmp_path, monkeypatch):
+    """The whole job (``halp-run``) under torchrun: gloo, two ranks, rank 0 writes the record."""
+    import json
+    import subprocess
+
+    from experiments.job import run_job
+    from toy_job import ROOT, compose, overrides
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    args = overrides(tmp_path, samples=256, batch=32, finetune_epochs=2, interval=2, steps=4) + ["prune.target=0.5"]
+    one = run_job(compose(*args, "finetune.micro_batches=2"), tmp_path / "one")  # also caches the dense model
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "experiments.run", f"hydra.run.dir={tmp_path / 'two'}", *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    masks = [json.loads((tmp_path / d / "masks.json").read_text())["groups"] for d in ("one", "two")]
+    assert masks[0] == masks[1]
+    assert [e["widths"] for e in one["prune_log"]] == [e["widths"] for e in two["prune_log"]]
+    assert any(g["kept"] < g["width"] for g in masks[0].values())

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,26 +14,7 @@ from halp.data import DataConfig
 from halp.engine import TrainConfig
 from halp.pruner import PruneConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def lin(spec, ci, co):
-    return 0.01 * ci * co * spec.kernel[0] * spec.kernel[1] / 9 + 0.05
-
-
-def toy_table(tmp_path: Path, name: str = "halp:resnet20") -> str:
-    """A deterministic latency table for the toy model (12x12 inputs)."""
-    import torch
-    from conftest import synthetic_table
-    from halp.graph import ChannelGraph
-    from halp.models import create_model
-    path = tmp_path / f"toy-{name.replace(':', '_')}.json"
-    if not path.exists():
-        model = create_model(name, num_classes=4, in_chans=1, width=0.5)
-        table = synthetic_table(ChannelGraph.build(model, (1, 12, 12)), lin, step=4)
-        table.meta["model"] = name
-        table.save(path)
-    return str(path)
+from toy_job import halp_run, toy_table
 
 
 def tiny(tmp_path: Path, measured: bool = False, **over) -> JobConfig:
@@ -96,8 +77,7 @@ def test_bad_inputs_stop_before_any_result(tmp_path):
 
 
 def hydra(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"})
+    return halp_run(*args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
 
 def test_hydra_app_config_validation(tmp_path):
@@ -126,3 +106,67 @@ def test_hydra_app_config_validation(tmp_path):
     assert not list(tmp_path.glob("runs/*/result.json"))
     helped = hydra("--help", cwd=tmp_path)
     assert "halp-run" in helped.stdout and "result.json" in helped.stdout
+
+
+LUT_SCRIPT = """
+import json, sys
+from pathlib import Path
+from experiments.assets import latency_table
+from experiments.config import JobConfig, LatencyConfig, ModelConfig
+from halp.graph import ChannelGraph
+from halp.models import create_model
+cfg = JobConfig(model=ModelConfig("halp:resnet20", width=0.5), latency=LatencyConfig(batch=16, step=4, rounds=1),
+                cache_dir=sys.argv[1], progress=True)
+graph = ChannelGraph.build(create_model("halp:resnet20", num_classes=4, in_chans=1, width=0.5), (1, 28, 28))
+info = latency_table(cfg, graph, Path(sys.argv[1]))
+print(json.dumps({"reused": info.reused, "id": info.id, "path": str(info.path)}))
+"""
+
+
+def test_two_jobs_asking_for_the_same_table_build_it_once(tmp_path):
+    import os
+    import sys
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", LUT_SCRIPT, str(cache)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    infos = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sorted(i["reused"] for i in infos) == [False, True]  # one built it, the other waited and reused it
+    assert infos[0]["id"] == infos[1]["id"] and infos[0]["path"] == infos[1]["path"]
+    waited = [o[0] for o, i in zip(outs, infos) if i["reused"]][0]
+    assert re.search(r"waiting for pid \d+ on \S+ to finish building the latency table", waited), waited
+    # nothing half-written is left: one table, no temp or partial files
+    assert sorted(p.name for p in (cache / "luts").iterdir() if not p.name.endswith(".lock")) == [Path(infos[0]["path"]).name]
+
+
+def test_local_launcher_sweep_runs_each_job_in_its_own_process(tmp_path):
+    """hydra/launcher=local: submitit's local executor (the Slurm code path without a cluster)."""
+    from toy_job import overrides
+    sweep = tmp_path / "sweep"
+    out = halp_run("-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", "method=halp,magnitude",
+                   "prune.target=0.5", *overrides(tmp_path), cwd=tmp_path, env={"WANDB_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+    assert [r["method"] for r in records] == ["halp", "magnitude"]
+    assert all(r["pruned"]["predicted_ms"] <= r["pruned"]["target_predicted_ms"] * (1 + 1e-9) for r in records)
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # each ran as a submitit job
+
+
+def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path):
+    import shutil
+    import sys
+    # no Slurm commands on PATH (only this interpreter's bin directory)
+    out = halp_run("-m", "hydra/launcher=slurm_local", "data.name=synthetic", cwd=tmp_path,
+                   env={"PATH": str(Path(sys.executable).parent), "WANDB_MODE": "disabled"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "halp-run: error: this launcher submits to Slurm, but sbatch, srun, sinfo are not installed" in out.stderr
+    assert "Traceback" not in out.stderr and "slurm/cluster.sh" in out.stderr
+    if shutil.which("sinfo", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+        # installed, but no controller behind the configuration
+        (tmp_path / "slurm.conf").write_text("ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=1\n")
+        out = halp_run("-m", "hydra/launcher=slurm_local", "data.name=synthetic", cwd=tmp_path,
+                       env={"SLURM_CONF": str(tmp_path / "slurm.conf"), "WANDB_MODE": "disabled"})
+        assert out.returncode == 2 and "its controller does not answer" in out.stderr, out.stderr[-2000:]
+    assert not list(tmp_path.glob("multirun/**/result.json"))

@@ -1,7 +1,6 @@
 """The HALP pruner: schedule, knapsack steps on a synthetic latency table, errors, exact resume."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -101,6 +101,7 @@ def test_cli_report_tables_figures_and_ci(tmp_path, capsys):
     row = table[(table.method == "halp") & (table.target == 0.5)].iloc[0]
     mean, half = expected(runs, "halp", 0.5, "top1")
     assert row["n"] == 3 and row["top1_mean"] == pytest.approx(mean) and row["top1_ci"] == pytest.approx(half)
+    assert row["method_seconds_mean"] == pytest.approx(100.0 + sum(SEEDS) / len(SEEDS))  # wall time, no shared parts
     lat_mean, lat_half = expected(runs, "halp", 0.5, "latency_ms")
     assert row["latency_ms_mean"] == pytest.approx(lat_mean) and row["latency_ms_ci"] == pytest.approx(lat_half)
     md = (out / "table.md").read_text()

@@ -1,0 +1,145 @@
+"""``halp-run`` sweeps on the local Slurm cluster: a 12-job method x target sweep with W&B offline
+logging and a report, preemption with requeue and exact resume, and one job as two Slurm tasks
+(DDP). Skipped with a reason when the cluster cannot be started (see tests/slurm_cluster.py).
+
+Toy jobs (tests/toy_job.py): synthetic images, a synthetic latency table, so decisions do not
+depend on machine load. Deadlines only stop a hung test; nothing asserts how long anything took.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from toy_job import compose, halp_run, overrides
+
+pytest.importorskip("submitit")
+pytestmark = pytest.mark.slurm
+
+METHODS = ("halp", "magnitude", "taylor", "eagleeye")
+TARGETS = (0.3, 0.5, 0.7)
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):  # noqa: F811
+    for key, value in slurm_cluster.items():
+        monkeypatch.setenv(key, value)
+    return slurm_cluster
+
+
+def _masks(run_dir: Path) -> dict:
+    return json.loads((run_dir / "masks.json").read_text())["groups"]
+
+
+def _wait(predicate, what: str, deadline_s: float = 300, interval: float = 0.2):
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"gave up after {deadline_s:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def test_twelve_job_sweep_lands_logs_to_wandb_and_reports(slurm_env, tmp_path):
+    from experiments.tracking import read_offline_metrics, read_offline_summary
+    from halp.cli import main as halp_main
+
+    sweep = tmp_path / "sweep"
+    out = halp_run("-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep}", "logger=wandb",
+                   f"method={','.join(METHODS)}", f"prune.target={','.join(map(str, TARGETS))}",
+                   *overrides(tmp_path), cwd=tmp_path, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.glob("*/result.json"))
+    assert len(runs) == 12, (sorted(p.name for p in sweep.iterdir()), out.stderr[-2000:])
+    ids = set()
+    for run in runs:
+        r = json.loads((run / "result.json").read_text())
+        assert r["pruned"]["predicted_ms"] <= r["pruned"]["target_predicted_ms"] * (1 + 1e-9), run.name
+        ids.add(r["lut"]["id"])
+        # W&B offline: one run directory per job; what it logged reads back and matches the record
+        assert len(list((run / "wandb").glob("offline-run-*"))) == 1, run.name
+        rows = read_offline_metrics(run)
+        assert any("val/top1" in row for row in rows), run.name
+        assert sum("prune/predicted_ms" in row for row in rows) == len(r["prune_log"]), run.name
+        summary = read_offline_summary(run)
+        assert summary["pruned/top1"] == pytest.approx(r["pruned"]["top1"])
+    assert len(ids) == 1  # every job priced with the same table
+    assert len(list((tmp_path / "cache" / "dense").glob("*.pt"))) == 1  # trained once, reused by 11 jobs
+
+    report = tmp_path / "report"
+    assert halp_main(["report", str(sweep), "--out", str(report)]) == 0
+    table = (report / "table.md").read_text()
+    for label in ("HALP", "Magnitude", "Taylor", "EagleEye"):
+        for t in TARGETS:
+            assert re.search(rf"\| {label} \| {t:.0%} \|", table), (label, t, table)
+    assert (report / "pareto.png").stat().st_size > 10_000
+    assert (report / "table.csv").read_text().count("\n") == 1 + 12
+
+
+def _job_id(sweep: Path) -> str:
+    dirs = [p.name for p in (sweep / ".submitit").glob("*") if re.fullmatch(r"\d+(_\d+)?", p.name)]
+    return dirs[0] if dirs else ""
+
+
+def _pruning_step(checkpoint: Path) -> int:
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["pruner"]["step"])
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError):
+        return 0  # not written yet (files are replaced atomically, so never half-read)
+
+
+def test_preempted_job_requeues_resumes_mid_pruning_and_matches_an_uninterrupted_run(slurm_env, tmp_path):
+    steps = 10
+    args = overrides(tmp_path, width=1.0, shape=(1, 28, 28), samples=2048, batch=64, finetune_epochs=3,
+                     interval=8, steps=steps) + ["prune.target=0.5"]
+    sweep = tmp_path / "sweep"
+    proc = halp_run("-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep}", *args, cwd=tmp_path,
+                    popen=True)
+    try:
+        _wait(lambda: _job_id(sweep), "the job to be submitted")
+        job = _job_id(sweep)
+        run = sweep / "halp-halp_resnet20-t0.5-s0"
+        _wait(lambda: _pruning_step(run / "checkpoint.pt") >= 1, "the first pruning step")
+        # Slurm's preemption warning, as a user or the scheduler sends it
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    log = "\n".join(p.read_text() for p in (sweep / ".submitit" / job).glob("*_log.*"))
+    resumed = re.search(r"resumed at iteration (\d+) \(pruning step (\d+)\)", log)
+    assert resumed, log[-3000:]
+    assert 1 <= int(resumed.group(2)) < steps  # it stopped in the middle of pruning
+    restarts = subprocess.run(["sacct", "-j", job.split("_")[0], "-n", "-X", "-P", "-D", "-o", "State"],
+                              capture_output=True, text=True).stdout.split()
+    assert "REQUEUED" in restarts or "PREEMPTED" in restarts or len(restarts) >= 2, restarts
+    result = json.loads((run / "result.json").read_text())
+    assert len(result["prune_log"]) == steps
+
+    from experiments.job import run_job
+    straight = run_job(compose(*args), tmp_path / "straight")  # same dense model from the cache
+    assert _masks(run) == _masks(tmp_path / "straight")
+    assert [e["widths"] for e in result["prune_log"]] == [e["widths"] for e in straight["prune_log"]]
+    assert result["pruned"]["top1"] == straight["pruned"]["top1"]
+
+
+def test_one_job_as_two_slurm_tasks_prunes_like_one_process(slurm_env, tmp_path):
+    from experiments.job import run_job
+    args = overrides(tmp_path, samples=256, batch=32, finetune_epochs=2, interval=2, steps=4) + ["prune.target=0.5"]
+    # the single-process reference first: it trains the dense model both runs start from
+    one = run_job(compose(*args, "finetune.micro_batches=2"), tmp_path / "one")
+    sweep = tmp_path / "sweep"
+    out = halp_run("-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep}", "hydra.launcher.tasks_per_node=2",
+                   "hydra.launcher.cpus_per_task=1", *args, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = sweep / "halp-halp_resnet20-t0.5-s0"
+    two = json.loads((run / "result.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert _masks(run) == _masks(tmp_path / "one")
+    assert [e["widths"] for e in two["prune_log"]] == [e["widths"] for e in one["prune_log"]]
