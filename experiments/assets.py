@@ -57,20 +57,30 @@ def _lock(stack: ExitStack, de: DistEnv, path: Path, what: str, cfg: JobConfig) 
         stack.enter_context(file_lock(path, what, say=lambda m: say(cfg, m)))
 
 
-def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SINGLE) -> tuple[torch.nn.Module, dict]:
-    """Train the dense model once per (model, data, schedule, seed) and reuse it."""
+def dense_path(cfg: JobConfig, cache: Path) -> Path:
+    """Where the dense model of ``cfg`` (model, data, dense recipe, seed) is cached."""
+    key = key_of(asdict(cfg.model), asdict(cfg.data), asdict(cfg.dense), cfg.seed)
+    return cache / "dense" / f"{cfg.model.name.replace(':', '_')}-{key}.pt"
+
+
+def new_model(cfg: JobConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    """The untrained model ``cfg.model`` names (seeded)."""
     kw = {"width": cfg.model.width} if cfg.model.name.startswith("halp:") else {}
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=splits.num_classes, in_chans=splits.input_shape[0], **kw)
-    key = key_of(asdict(cfg.model), asdict(cfg.data), asdict(cfg.dense), cfg.seed)
-    path = cache / "dense" / f"{cfg.model.name.replace(':', '_')}-{key}.pt"
+    return create_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans, **kw)
+
+
+def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SINGLE) -> tuple[torch.nn.Module, dict]:
+    """Train the dense model once per (model, data, schedule, seed) and reuse it."""
+    model = new_model(cfg, splits.num_classes, splits.input_shape[0])
+    path = dense_path(cfg, cache)
     with ExitStack() as stack:
         _lock(stack, de, path, "training the dense model", cfg)
         if broadcast(de, path.exists()):
             blob = torch.load(path, map_location="cpu", weights_only=False)
             model.load_state_dict(blob["model"])
             say(cfg, f"dense model reused from {path} (top-1 {blob['metrics']['top1']:.2f}%)")
-            return model, blob["metrics"] | {"train_seconds": 0.0, "cached": str(path)}
+            return model, blob["metrics"] | {"train_seconds": 0.0, "checkpoint": str(path), "reused": True}
         say(cfg, f"training the dense model for {cfg.dense.epochs} epoch(s)")
         trainer = Trainer(model, splits.train, splits.val, cfg.dense, checkpoint=path.with_suffix(".partial.pt"),
                           progress=cfg.progress, dist=de)
@@ -82,7 +92,7 @@ def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SING
             atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "metrics": metrics}, tmp))
             path.with_suffix(".partial.pt").unlink(missing_ok=True)
         barrier(de)
-    return model, metrics | {"train_seconds": st.train_seconds}
+    return model, metrics | {"train_seconds": st.train_seconds, "checkpoint": str(path), "reused": False}
 
 
 def table_path(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> Path:

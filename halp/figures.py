@@ -37,25 +37,30 @@ def save_png(fig: Figure, path: Path) -> Path:
 
 
 def pareto_figure(agg: pd.DataFrame) -> Figure:
-    """Top-1 vs measured latency per method (error bars = 95 % CI), dense as a star and a dashed line."""
+    """Top-1 vs measured latency per method (error bars = 95 % CI), dense as a star and a dashed line.
+
+    Latency is each pruned model's measured latency as a percentage of the dense model's, both
+    timed side by side at the end of the same run: absolute times drift between runs on a shared
+    machine, so milliseconds from different runs are not comparable; these ratios are."""
     secs = sections(agg)
     fig, axes = panel_grid(len(secs))
     for ax, (model, dataset, g) in zip(axes, secs):
         for method, mg in g.groupby("method", sort=False):
-            mg = mg.sort_values("latency_ms_mean")
+            mg = mg.sort_values("latency_ratio_mean")
             c = COLORS.get(method)
+            x, xerr = 100 * mg["latency_ratio_mean"], 100 * mg["latency_ratio_ci"].fillna(0)
             if method == "dense":
                 r = mg.iloc[0]
                 ax.axhline(r["top1_mean"], color="gray", ls="--", lw=1)
-                ax.plot(r["latency_ms_mean"], r["top1_mean"], "*", ms=16, color=c, label="dense", zorder=5)
+                ax.plot(100.0, r["top1_mean"], "*", ms=16, color=c, label="dense", zorder=5)
                 continue
-            ax.errorbar(mg["latency_ms_mean"], mg["top1_mean"], xerr=mg["latency_ms_ci"].fillna(0),
-                        yerr=mg["top1_ci"].fillna(0), fmt="-o", color=c, capsize=3,
+            ax.errorbar(x, mg["top1_mean"], xerr=xerr, yerr=mg["top1_ci"].fillna(0), fmt="-o", color=c, capsize=3,
                         label=LABELS.get(method, method))
-            for _, r in mg.iterrows():
-                ax.annotate(f"{r['target']:.0%}", (r["latency_ms_mean"], r["top1_mean"]), fontsize=8,
+            for xi, (_, r) in zip(x, mg.iterrows()):
+                ax.annotate(f"{r['target']:.0%}", (xi, r["top1_mean"]), fontsize=8,
                             xytext=(4, 4), textcoords="offset points", color=c)
-        ax.set(title=f"{model} on {dataset}", xlabel="measured latency (ms)", ylabel="top-1 accuracy (%)")
+        ax.set(title=f"{model} on {dataset}", ylabel="top-1 accuracy (%)",
+               xlabel="measured latency, % of the dense model's (timed side by side in each run)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="method (labels: latency target)", title_fontsize=8)
     return fig

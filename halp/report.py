@@ -30,7 +30,7 @@ METHOD_ORDER = ("dense", "halp", "eagleeye", "taylor", "magnitude")
 METRICS = {"top1": "pruned.top1", "top5": "pruned.top5", "latency_ms": "pruned.latency_ms",
            "speedup": "speedup", "macs": "pruned.macs", "params": "pruned.params",
            "latency_vs_target": "latency_vs_target", "predicted_over_measured": "predicted_over_measured",
-           "method_seconds": "method_seconds"}
+           "latency_ratio": "latency_ratio", "method_seconds": "method_seconds"}
 # the same metrics of the dense model, as every pruned run records it (rows for a "dense" line)
 DENSE_METRICS = {"top1": "dense.top1", "top5": "dense.top5", "latency_ms": "dense.latency_ms",
                  "macs": "dense.macs", "params": "dense.params", "predicted_ms": "dense.predicted_ms"}
@@ -122,6 +122,7 @@ def load_records(runs_dir: str | Path, warn: Warn | None = None) -> tuple[pd.Dat
     df["speedup"] = df["speedup"].fillna(df["dense.latency_ms"] / df["pruned.latency_ms"])
     df["latency_vs_target"] = df["latency_vs_target"].fillna(df["pruned.latency_ms"] / df["pruned.target_ms"])
     df["predicted_over_measured"] = df["pruned.predicted_ms"] / df["pruned.latency_ms"]
+    df["latency_ratio"] = 1.0 / df["speedup"]  # pruned / dense, timed side by side in the run
     # the method's own wall time: the job without the dense training and table it shares with others
     wall = {k: pd.to_numeric(df[f"wall_seconds.{k}"], errors="coerce") if f"wall_seconds.{k}" in df
             else pd.Series(np.nan, index=df.index) for k in ("total", "dense_train", "lut")}
@@ -154,7 +155,7 @@ def _per_run_metrics(df: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in DENSE_METRICS.values() if c in rest]
     per_seed = rest[["model", "dataset", "seed"]].join(rest[cols].apply(pd.to_numeric, errors="coerce"))
     per_seed = per_seed.groupby(["model", "dataset", "seed"], dropna=False)[cols].mean().reset_index()
-    d = per_seed[["model", "dataset", "seed"]].assign(method="dense", target=1.0, speedup=1.0,
+    d = per_seed[["model", "dataset", "seed"]].assign(method="dense", target=1.0, speedup=1.0, latency_ratio=1.0,
                                                       latency_vs_target=np.nan, source="dense blocks of the pruned runs")
     for name, col in DENSE_METRICS.items():
         d[name] = per_seed[col] if col in per_seed else np.nan
