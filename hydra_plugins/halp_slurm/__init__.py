@@ -1,4 +1,6 @@
-"""Hydra launchers: submitit's Slurm launcher with a pre-flight check.
+"""Hydra launcher plugin: submitit's Slurm launcher with a pre-flight check.
+
+(Hydra accepts launchers only from its ``hydra_plugins`` namespace package, hence this place.)
 
 Without it, a sweep sent to a machine with no Slurm (or with Slurm but no controller answering)
 ends in a submitit traceback. :class:`SlurmLauncher` checks before submitting anything that the
