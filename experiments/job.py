@@ -127,7 +127,7 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
         run_dir.mkdir(parents=True, exist_ok=True)
         pin_anchors(lut, pinned)
     tracker = Tracker.start(cfg.logger, run_dir, name, asdict(cfg), rank=de.rank)
-    st, setup_seconds = None, 0.0
+    st, setup_seconds, resumed = None, 0.0, None
     if pruner is not None:
         say(cfg, f"{LABELS[method]}: pruning to {cfg.prune.target:.0%} of {dense_ms:.3f} ms (predicted "
                  "dense), fine-tuning")
@@ -143,6 +143,8 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
                           dist=de, should_stop=guard.requested,
                           on_epoch=lambda h: tracker.log({f"val/{k}": v for k, v in h.items()}, step=h["iteration"]))
         if trainer.try_resume():
+            resumed = {"iteration": trainer.state.iteration, "prune_step": pruner.step,
+                       "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
             say(cfg, f"resumed at iteration {trainer.state.iteration} (pruning step {pruner.step})")
         else:
             t0 = time.perf_counter()
@@ -199,6 +201,7 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
         "pruning_overhead_pct": 100.0 * prune_seconds / max(train_seconds, 1e-9) if st else 0.0,
         "chunk_sizes": pruner.chunks if pruner else {},
         "search": getattr(pruner, "search", None),
+        "resumed": resumed,  # where this run continued from a checkpoint (preemption), or None
     }
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str) + "\n")
     tracker.summary(result)
