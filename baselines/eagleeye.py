@@ -5,7 +5,11 @@ Before fine-tuning, on the trained dense model:
 1. draw per-group prune ratios r_g = U(0, 1) · ``max_rate`` (``None`` = the rate at which half of
    the draws land under the target, found by bisection), round each width to the unit grid, and
    keep a candidate only if its resource (the cost model's latency by default, MACs with
-   ``resource="flops"``) lies in the window around the target (see ``window``);
+   ``resource="flops"``) lies in the window around the target (see ``window``). When even
+   ``max_rate = 1`` leaves the median draw above the target (aggressive targets), almost every draw
+   would be rejected; ``sampler="auto"`` then scales each draw's ratios by a common factor into the
+   window instead (``sampler="scale"``; ``"reject"`` forces the paper's sampler). A residual
+   branch may be drawn to zero channels when ``prune.allow_vanish`` is set, as for HALP;
 2. prune each candidate by L1 filter norm (``halp.saliency.filter_norms``), slim it, re-estimate
    its BatchNorm statistics with ``calib_batches`` training minibatches forwarded in train mode
    without gradients (adaptive BN), and score its top-1 on a held-out split of the training set;
@@ -45,6 +49,12 @@ class Resource(str, Enum):
     FLOPS = "flops"
 
 
+class Sampler(str, Enum):
+    AUTO = "auto"      # REJECT, or SCALE when even max_rate = 1 cannot reach the target
+    REJECT = "reject"  # the paper's: uniform ratios, keep the draws inside the window
+    SCALE = "scale"    # uniform ratio shapes scaled into the window (aggressive targets)
+
+
 class Window(str, Enum):
     BELOW = "below"
     SYMMETRIC = "symmetric"
@@ -61,6 +71,7 @@ class EagleEyeConfig:
     calib_batches: int = 100
     batch_size: int = 128
     max_draws: int = 50_000
+    sampler: str = "auto"           # auto | reject | scale (see Sampler)
     workers: int | None = None      # None: as many as threads allow
     start_method: str = "spawn"     # fork is faster to start but unsafe after OpenMP use
     chunk: int | str = 1
@@ -69,6 +80,7 @@ class EagleEyeConfig:
     def __post_init__(self) -> None:
         Resource(self.resource)
         Window(self.window)
+        Sampler(self.sampler)
         if self.candidates < 1 or self.calib_batches < 0 or self.holdout < 1 or self.batch_size < 1:
             raise ValueError("eagleeye.candidates, holdout and batch_size must be >= 1 (calib_batches >= 0)")
         if not 0 < self.tolerance < 0.5:
@@ -177,14 +189,37 @@ class EagleEyePruner(Pruner):
         return self.cost.total_ms(widths)
 
     # ------------------------------------------------------------------ sampling
-    def draw(self, rng: np.random.Generator, max_rate: float) -> dict[str, int]:
-        """One random candidate: widths per prunable group, on the unit grid and above the minimum."""
+    def widths_at(self, ratios: dict[str, float]) -> dict[str, int]:
+        """Widths for per-group prune ratios: rounded to the unit grid, never below the minimum
+        (zero for a residual branch when ``prune.allow_vanish``)."""
         widths = self.graph.full_widths()
         for g in self.groups:
-            c, need = self.chunks[g.id], max(1, self.min_keep(g))
-            cut = c * int(round(g.width * rng.uniform(0, 1) * max_rate / c))
+            c, need = self.chunks[g.id], self.min_keep(g)
+            cut = c * int(round(g.width * min(1.0, ratios[g.id]) / c))
             widths[g.id] = max(g.width - cut, min(g.width, need))
         return widths
+
+    def draw(self, rng: np.random.Generator, max_rate: float) -> dict[str, int]:
+        """One random candidate of the paper's sampler: r_g = U(0, 1) · max_rate per group."""
+        return self.widths_at({g.id: rng.uniform(0, 1) * max_rate for g in self.groups})
+
+    def draw_scaled(self, rng: np.random.Generator) -> dict[str, int] | None:
+        """One random candidate with its budget met by construction: r_g = min(1, s · u_g) with
+        u_g = U(0, 1) and the common scale s bisected into the window (None if no s lands there,
+        e.g. when a grid step jumps over it). Keeps the random per-group shape of a draw."""
+        u = {g.id: rng.uniform(1e-6, 1) for g in self.groups}
+        lo_w, hi_w = self.window
+        lo, hi = 0.0, 1.0 / min(u.values())  # at hi every group is at its minimum
+        if self.measure(self.widths_at({k: hi * v for k, v in u.items()})) > hi_w:
+            return None
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            w = self.widths_at({k: mid * v for k, v in u.items()})
+            r = self.measure(w)
+            if lo_w <= r <= hi_w:
+                return w
+            lo, hi = (mid, hi) if r > hi_w else (lo, mid)
+        return None
 
     def auto_rate(self, draws: int = 64) -> float:
         """Bisection for the max rate at which the median draw's resource equals the target."""
@@ -196,25 +231,36 @@ class EagleEyePruner(Pruner):
             lo, hi = (mid, hi) if med > target else (lo, mid)
         return hi
 
-    def sample(self) -> tuple[list[dict[str, int]], int, float]:
-        """Accepted candidates (distinct), the number of draws it took, and the rate used."""
+    def sample(self) -> tuple[list[dict[str, int]], int, float, Sampler]:
+        """Accepted candidates (distinct), the number of draws it took, the rate and the sampler used.
+
+        ``sampler="auto"`` is the paper's rejection sampling unless even ``max_rate = 1`` leaves the
+        median draw above the target (then almost no draw would be accepted): budget-scaled draws."""
         rate = self.ecfg.max_rate if self.ecfg.max_rate is not None else self.auto_rate()
+        sampler = Sampler(self.ecfg.sampler)
+        if sampler is Sampler.AUTO:
+            reach = self.ecfg.max_rate is None and rate >= 1.0
+            sampler = Sampler.SCALE if reach else Sampler.REJECT
         rng = np.random.default_rng(self.seed + 1)
         lo, hi = self.window
         found, seen, draws = [], set(), 0
         while len(found) < self.ecfg.candidates and draws < self.ecfg.max_draws:
             draws += 1
-            w = self.draw(rng, rate)
+            w = self.draw(rng, rate) if sampler is Sampler.REJECT else self.draw_scaled(rng)
+            if w is None:
+                continue
             key = tuple(w[g.id] for g in self.groups)
             if key not in seen and lo <= self.measure(w) <= hi:
                 seen.add(key)
                 found.append(w)
         if not found:
             unit = "ms" if self.resource is Resource.LATENCY else "MACs"
+            floor = self.measure(self.widths_at({g.id: 1.0 for g in self.groups}))
             raise ValueError(f"EagleEye found no candidate in [{lo:.4g}, {hi:.4g}] {unit} after {draws} draws "
-                             f"at max_rate {rate:.3f}; set eagleeye.max_rate, widen eagleeye.tolerance or "
-                             "raise eagleeye.max_draws")
-        return found, draws, rate
+                             f"({sampler.value} sampler, max_rate {rate:.3f}; the smallest candidate is "
+                             f"{floor:.4g} {unit}); set eagleeye.sampler=scale or eagleeye.max_rate, widen "
+                             "eagleeye.tolerance, raise eagleeye.max_draws, or allow prune.allow_vanish")
+        return found, draws, rate, sampler
 
     # ------------------------------------------------------------------ search
     def candidate_masks(self, widths: dict[str, int]) -> ChannelMasks:
@@ -256,7 +302,7 @@ class EagleEyePruner(Pruner):
             return
         if holdout is None:
             raise ValueError("EagleEye needs a held-out split of the training set to score candidates")
-        widths, draws, rate = self.sample()
+        widths, draws, rate, sampler = self.sample()
         masks = [self.candidate_masks(w) for w in widths]
         calib = calibration_batches(train_set, self.ecfg.calib_batches, self.ecfg.batch_size, self.seed)
         scores = self.evaluate_candidates(masks, train_set, holdout, calib)
@@ -264,7 +310,7 @@ class EagleEyePruner(Pruner):
         self.set_masks(dict(masks[best].items()))
         adaptive_bn(model, _batches(train_set, calib, self.seed))  # the masked model = the best slim one
         self.applier.apply()
-        self.search = {"draws": draws, "max_rate": rate, "window": list(self.window), "best": best,
+        self.search = {"draws": draws, "max_rate": rate, "sampler": sampler.value, "window": list(self.window), "best": best,
                        "candidates": [{"widths": {g.id: w[g.id] for g in self.groups}, "resource": self.measure(w),
                                        "predicted_ms": self.cost.total_ms(w), "holdout_top1": s}
                                       for w, s in zip(widths, scores)]}
