@@ -5,10 +5,10 @@ Before fine-tuning, on the trained dense model:
 1. draw per-group prune ratios r_g = U(0, 1) · ``max_rate`` (``None`` = the rate at which half of
    the draws land under the target, found by bisection), round each width to the unit grid, and
    keep a candidate only if its resource (the cost model's latency by default, MACs with
-   ``resource="flops"``) lies in the window around the target (see ``window``). When even
-   ``max_rate = 1`` leaves the median draw above the target (aggressive targets), almost every draw
-   would be rejected; ``sampler="auto"`` then scales each draw's ratios by a common factor into the
-   window instead (``sampler="scale"``; ``"reject"`` forces the paper's sampler). A residual
+   ``resource="flops"``) lies in the window around the target (see ``window``). At aggressive
+   targets almost every such draw is rejected; ``sampler="auto"`` then switches to scaling each
+   draw's ratios by a common factor into the window (``sampler="scale"`` from the start;
+   ``"reject"`` keeps the paper's sampler only). A residual
    branch may be drawn to zero channels when ``prune.allow_vanish`` is set, as for HALP;
 2. prune each candidate by L1 filter norm (``halp.saliency.filter_norms``), slim it, re-estimate
    its BatchNorm statistics with ``calib_batches`` training minibatches forwarded in train mode
@@ -50,7 +50,7 @@ class Resource(str, Enum):
 
 
 class Sampler(str, Enum):
-    AUTO = "auto"      # REJECT, or SCALE when even max_rate = 1 cannot reach the target
+    AUTO = "auto"      # REJECT, switching to SCALE when its acceptance rate is too low
     REJECT = "reject"  # the paper's: uniform ratios, keep the draws inside the window
     SCALE = "scale"    # uniform ratio shapes scaled into the window (aggressive targets)
 
@@ -165,6 +165,7 @@ def _score_keep(keep: dict[str, torch.Tensor]) -> float:
 
 class EagleEyePruner(Pruner):
     method = "eagleeye"
+    CHECK = 2000  # draws between checks of the rejection sampler's acceptance rate (sampler="auto")
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
                  method_cfg: EagleEyeConfig | None = None, chunk_sizes: dict[str, int] | None = None,
@@ -231,36 +232,39 @@ class EagleEyePruner(Pruner):
             lo, hi = (mid, hi) if med > target else (lo, mid)
         return hi
 
-    def sample(self) -> tuple[list[dict[str, int]], int, float, Sampler]:
-        """Accepted candidates (distinct), the number of draws it took, the rate and the sampler used.
+    def sample(self) -> tuple[list[dict[str, int]], int, float, str]:
+        """Accepted candidates (distinct), the number of draws it took, the rate and the sampler(s).
 
-        ``sampler="auto"`` is the paper's rejection sampling unless even ``max_rate = 1`` leaves the
-        median draw above the target (then almost no draw would be accepted): budget-scaled draws."""
+        ``sampler="auto"`` starts with the paper's rejection sampling and switches to budget-scaled
+        draws once its acceptance rate says ``max_draws`` would not find ``candidates`` (checked
+        every ``CHECK`` draws): aggressive targets that uniform ratios almost never reach."""
         rate = self.ecfg.max_rate if self.ecfg.max_rate is not None else self.auto_rate()
-        sampler = Sampler(self.ecfg.sampler)
-        if sampler is Sampler.AUTO:
-            reach = self.ecfg.max_rate is None and rate >= 1.0
-            sampler = Sampler.SCALE if reach else Sampler.REJECT
+        mode = Sampler(self.ecfg.sampler)
+        scaled = mode is Sampler.SCALE
         rng = np.random.default_rng(self.seed + 1)
         lo, hi = self.window
-        found, seen, draws = [], set(), 0
+        found, seen, draws, used = [], set(), 0, set()
         while len(found) < self.ecfg.candidates and draws < self.ecfg.max_draws:
+            if mode is Sampler.AUTO and not scaled and draws and draws % self.CHECK == 0:
+                scaled = not found or draws * self.ecfg.candidates / len(found) > self.ecfg.max_draws
             draws += 1
-            w = self.draw(rng, rate) if sampler is Sampler.REJECT else self.draw_scaled(rng)
+            used.add(Sampler.SCALE if scaled else Sampler.REJECT)
+            w = self.draw_scaled(rng) if scaled else self.draw(rng, rate)
             if w is None:
                 continue
             key = tuple(w[g.id] for g in self.groups)
             if key not in seen and lo <= self.measure(w) <= hi:
                 seen.add(key)
                 found.append(w)
+        kinds = "+".join(k.value for k in (Sampler.REJECT, Sampler.SCALE) if k in used)
         if not found:
             unit = "ms" if self.resource is Resource.LATENCY else "MACs"
             floor = self.measure(self.widths_at({g.id: 1.0 for g in self.groups}))
             raise ValueError(f"EagleEye found no candidate in [{lo:.4g}, {hi:.4g}] {unit} after {draws} draws "
-                             f"({sampler.value} sampler, max_rate {rate:.3f}; the smallest candidate is "
-                             f"{floor:.4g} {unit}); set eagleeye.sampler=scale or eagleeye.max_rate, widen "
-                             "eagleeye.tolerance, raise eagleeye.max_draws, or allow prune.allow_vanish")
-        return found, draws, rate, sampler
+                             f"({kinds} sampler, max_rate {rate:.3f}; the smallest candidate is {floor:.4g} "
+                             f"{unit}); set eagleeye.sampler=scale or eagleeye.max_rate, widen eagleeye.tolerance, "
+                             "raise eagleeye.max_draws, or allow prune.allow_vanish")
+        return found, draws, rate, kinds
 
     # ------------------------------------------------------------------ search
     def candidate_masks(self, widths: dict[str, int]) -> ChannelMasks:
@@ -310,7 +314,7 @@ class EagleEyePruner(Pruner):
         self.set_masks(dict(masks[best].items()))
         adaptive_bn(model, _batches(train_set, calib, self.seed))  # the masked model = the best slim one
         self.applier.apply()
-        self.search = {"draws": draws, "max_rate": rate, "sampler": sampler.value, "window": list(self.window), "best": best,
+        self.search = {"draws": draws, "max_rate": rate, "sampler": sampler, "window": list(self.window), "best": best,
                        "candidates": [{"widths": {g.id: w[g.id] for g in self.groups}, "resource": self.measure(w),
                                        "predicted_ms": self.cost.total_ms(w), "holdout_top1": s}
                                       for w, s in zip(widths, scores)]}
