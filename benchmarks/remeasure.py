@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs_dir", type=Path)
     ap.add_argument("--rounds", type=int, default=15, help="protocol rounds (default 15)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole interleaved measurement this many times; report medians and ranges")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     groups: dict[tuple, list] = {}
@@ -66,21 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         slims = [load_module(run_dir / "slim.pt") for run_dir, _, _ in members]
         setting = cfg0.latency.setting()
         input_shape = info.input_shape
+        repeats = []
         with get_backend(setting) as backend:
             x = torch.randn(setting.batch, *input_shape)
-            timed = measure(backend, [backend.prepare(m.eval(), x) for m in [dense, *slims]],
-                            Protocol(rounds=args.rounds, sample_ms=50.0))
-        d = timed[0]
-        print(f"\n{ckpt}: dense {d.ms:.3f} ms (spread {d.spread:.1%}), {setting.backend} batch {setting.batch}, "
-              f"{setting.threads} thread(s), {args.rounds} rounds, all interleaved")
-        print(f"{'run':<44}{'target':>7}{'slim ms':>10}{'slim/dense':>12}{'speedup':>9}{'job said':>10}{'top-1':>8}")
-        for (run_dir, rec, _), t in zip(members, timed[1:]):
+            runners = [backend.prepare(m.eval(), x) for m in [dense, *slims]]
+            for r in range(args.repeat):
+                repeats.append(measure(backend, runners, Protocol(rounds=args.rounds, sample_ms=50.0, seed=r)))
+        dense_ms = [t[0].ms for t in repeats]
+        print(f"\n{ckpt}: {setting.backend} batch {setting.batch}, {setting.threads} thread(s), {args.rounds} rounds "
+              f"x {args.repeat}, all interleaved; dense " + ", ".join(f"{t[0].ms:.2f} ms ({t[0].spread:.0%} spread)"
+                                                                   for t in repeats))
+        print(f"{'run':<44}{'target':>7}{'slim/dense (median, range)':>30}{'job said':>10}{'top-1':>8}")
+        for i, (run_dir, rec, _) in enumerate(members, start=1):
+            ratios = [t[i].ms / t[0].ms for t in repeats]
             row = {"run": run_dir.name, "method": rec["method"], "target": rec["target_ratio"],
-                   "dense_ms": d.ms, "slim_ms": t.ms, "spread": t.spread, "ratio": t.ms / d.ms,
+                   "dense_ms": dense_ms, "slim_ms": [t[i].ms for t in repeats], "spread": [t[i].spread for t in repeats],
+                   "ratios": ratios, "ratio": float(np.median(ratios)),
                    "job_ratio": rec["pruned"]["latency_ms"] / rec["dense"]["latency_ms"], "top1": rec["pruned"]["top1"]}
             out.append(row)
-            print(f"{run_dir.name:<44}{row['target']:>7.0%}{t.ms:>10.3f}{row['ratio']:>12.3f}{d.ms / t.ms:>8.2f}x"
-                  f"{row['job_ratio']:>10.3f}{row['top1']:>8.2f}")
+            span = f"{row['ratio']:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+            print(f"{run_dir.name:<44}{row['target']:>7.0%}{span:>30}{row['job_ratio']:>10.3f}{row['top1']:>8.2f}")
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     return 0

@@ -93,7 +93,8 @@ def _pruning_step(checkpoint: Path) -> int:
         return 0  # not written yet (files are replaced atomically, so never half-read)
 
 
-def test_preempted_job_requeues_resumes_mid_pruning_and_matches_an_uninterrupted_run(slurm_env, tmp_path):
+@pytest.mark.parametrize("sig", ["USR2", "USR1"])  # submitit's preemption signal, and the one users often send
+def test_preempted_job_requeues_resumes_mid_pruning_and_matches_an_uninterrupted_run(slurm_env, tmp_path, sig):
     steps = 10
     args = overrides(tmp_path, width=1.0, shape=(1, 28, 28), samples=2048, batch=64, finetune_epochs=3,
                      interval=8, steps=steps) + ["prune.target=0.5"]
@@ -106,7 +107,7 @@ def test_preempted_job_requeues_resumes_mid_pruning_and_matches_an_uninterrupted
         run = sweep / "halp-halp_resnet20-t0.5-s0"
         _wait(lambda: _pruning_step(run / "checkpoint.pt") >= 1, "the first pruning step")
         # Slurm's preemption warning, as a user or the scheduler sends it
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # submitit's preemption signal
+        subprocess.run(["scancel", f"--signal={sig}", job], check=True)
         stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
