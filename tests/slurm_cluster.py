@@ -23,6 +23,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,13 @@ def slurm_cluster():
         yield env
     finally:
         stop_cluster()
+
+
+def wait_until(predicate, what: str, deadline_s: float = 120, interval: float = 0.5) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``deadline_s`` (a hang, not a
+    timing check: nothing asserts how long anything took)."""
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            pytest.fail(f"gave up after {deadline_s:.0f} s waiting for {what}")
+        time.sleep(interval)

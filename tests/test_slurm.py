@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import slurm_cluster, wait_until  # noqa: F401  (session fixture)
 
 submitit = pytest.importorskip("submitit")
 
 pytestmark = pytest.mark.slurm
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
-DEADLINE_S = 120  # give up waiting after this long (a hang, not a timing check)
 
 
 @pytest.fixture
@@ -41,14 +40,6 @@ def _executor(folder: Path, env: dict):
     return ex
 
 
-def _wait_until(predicate, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {DEADLINE_S} s waiting for {what}")
-        time.sleep(interval)
-
-
 def _sacct_state(job_id: str) -> str:
     out = subprocess.run(["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State"],
                          capture_output=True, text=True)
@@ -64,7 +55,7 @@ def test_sbatch_runs_and_is_accounted(slurm_env, tmp_path):
     assert job_id.isdigit(), sub.stdout
 
     terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-    _wait_until(lambda: _sacct_state(job_id).split(" ")[0] in terminal, f"job {job_id} in sacct")
+    wait_until(lambda: _sacct_state(job_id).split(" ")[0] in terminal, f"job {job_id} in sacct")
     assert _sacct_state(job_id) == "COMPLETED"
 
     text = (tmp_path / f"job-{job_id}.out").read_text()
@@ -76,7 +67,7 @@ def test_sbatch_runs_and_is_accounted(slurm_env, tmp_path):
     def acct() -> str:
         return subprocess.run(["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "JobName,Partition,ExitCode"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    _wait_until(lambda: acct() == want, f"the accounting record of job {job_id} to read {want!r}")
+    wait_until(lambda: acct() == want, f"the accounting record of job {job_id} to read {want!r}")
 
 
 def multiply(a: int, b: int) -> dict:
@@ -88,7 +79,7 @@ def test_submitit_job_returns_value(slurm_env, tmp_path):
     result = job.result()
     assert result == {"product": 42, "job_id": str(job.job_id)}
     # submitit reads the state from sacct, which may lag the result file by a poll or two
-    _wait_until(lambda: job.state == "COMPLETED", f"sacct to report job {job.job_id} COMPLETED")
+    wait_until(lambda: job.state == "COMPLETED", f"sacct to report job {job.job_id} COMPLETED")
 
 
 class CountingCheckpointable(submitit.helpers.Checkpointable):
@@ -115,11 +106,11 @@ def test_submitit_checkpoint_requeue_resumes(slurm_env, tmp_path):
     work.mkdir()
     job = _executor(tmp_path / "submitit", slurm_env).submit(CountingCheckpointable(), str(work), 21)
 
-    _wait_until(lambda: (work / "started").exists(), "the first run to start")
+    wait_until(lambda: (work / "started").exists(), "the first run to start")
     job._interrupt()  # SIGTERM (bypassed) then the preemption signal: checkpoint + requeue
 
     result = job.result()
     assert result == {"value": 42, "runs": 2, "restarts": 1}
     assert (work / "runs.txt").read_text() == "2"
     assert (work / "started").read_text() == str(job.job_id)
-    _wait_until(lambda: job.state == "COMPLETED", "sacct to report the requeued job COMPLETED")
+    wait_until(lambda: job.state == "COMPLETED", "sacct to report the requeued job COMPLETED")

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import slurm_cluster, wait_until  # noqa: F401  (session fixture)
 from toy_job import compose, halp_run, overrides
 
 pytest.importorskip("submitit")
@@ -35,14 +34,6 @@ def slurm_env(slurm_cluster, monkeypatch):  # noqa: F811
 
 def _masks(run_dir: Path) -> dict:
     return json.loads((run_dir / "masks.json").read_text())["groups"]
-
-
-def _wait(predicate, what: str, deadline_s: float = 300, interval: float = 0.2):
-    end = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > end:
-            pytest.fail(f"gave up after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def test_twelve_job_sweep_lands_logs_to_wandb_and_reports(slurm_env, tmp_path):
@@ -102,10 +93,10 @@ def test_preempted_job_requeues_resumes_mid_pruning_and_matches_an_uninterrupted
     proc = halp_run("-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep}", *args, cwd=tmp_path,
                     popen=True)
     try:
-        _wait(lambda: _job_id(sweep), "the job to be submitted")
+        wait_until(lambda: _job_id(sweep), "the job to be submitted", 300, 0.2)
         job = _job_id(sweep)
         run = sweep / "halp-halp_resnet20-t0.5-s0"
-        _wait(lambda: _pruning_step(run / "checkpoint.pt") >= 1, "the first pruning step")
+        wait_until(lambda: _pruning_step(run / "checkpoint.pt") >= 1, "the first pruning step", 300, 0.2)
         # Slurm's preemption warning, as a user or the scheduler sends it
         subprocess.run(["scancel", f"--signal={sig}", job], check=True)
         stdout, stderr = proc.communicate(timeout=900)
