@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from halp.data import DataConfig
 from halp.engine import TrainConfig
 from halp.pruner import PruneConfig
 
-from toy_job import halp_run, toy_table
+from toy_job import ROOT, halp_run, toy_table
 
 
 def tiny(tmp_path: Path, measured: bool = False, **over) -> JobConfig:
@@ -124,10 +126,8 @@ print(json.dumps({"reused": info.reused, "id": info.id, "path": str(info.path)})
 
 
 def test_two_jobs_asking_for_the_same_table_build_it_once(tmp_path):
-    import os
-    import sys
     cache = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", LUT_SCRIPT, str(cache)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -155,8 +155,6 @@ def test_local_launcher_sweep_runs_each_job_in_its_own_process(tmp_path):
 
 
 def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path):
-    import shutil
-    import sys
     # no Slurm commands on PATH (only this interpreter's bin directory)
     out = halp_run("-m", "hydra/launcher=slurm_local", "data.name=synthetic", cwd=tmp_path,
                    env={"PATH": str(Path(sys.executable).parent), "WANDB_MODE": "disabled"})
