@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from halp.counting import count
-from halp.engine import evaluate, fetch_batch, reseed_dataset
+from halp.evaluation import evaluate, fetch_batch, reseed_dataset
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.masks import ChannelMasks
-from halp.pruning import PruneConfig, Pruner, StepLog, check_chunk
+from halp.progress import progress_bar
+from halp.pruners import PruneConfig, Pruner, PrunerContext, StepLog, register_pruner
+from halp.pruners.base import check_chunk
 from halp.saliency import filter_norms
 from halp.slim import slim_model
 
@@ -163,17 +164,18 @@ def _score_keep(keep: dict[str, torch.Tensor]) -> float:
     return score_masks(ChannelMasks(keep))
 
 
+@register_pruner("eagleeye", EagleEyeConfig, label="EagleEye")
 class EagleEyePruner(Pruner):
-    method = "eagleeye"
     CHECK = 2000  # draws between checks of the rejection sampler's acceptance rate (sampler="auto")
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
-                 method_cfg: EagleEyeConfig | None = None, chunk_sizes: dict[str, int] | None = None,
-                 seed: int = 0, threads: int = 2, progress: bool = False) -> None:
+                 method_cfg: EagleEyeConfig | None = None, context: PrunerContext | None = None,
+                 chunk_sizes: dict[str, int] | None = None) -> None:
         self.ecfg = method_cfg or EagleEyeConfig()
-        super().__init__(graph, cost, config, chunk_sizes, chunk=self.ecfg.chunk)
+        context = context or PrunerContext(threads=2)
+        super().__init__(graph, cost, config, chunk_sizes, chunk=self.ecfg.chunk, context=context)
         self.steps_total = 1
-        self.seed, self.threads, self.progress = seed, threads, progress
+        self.seed, self.threads, self.progress = context.seed, context.threads, context.progress
         self.resource = Resource(self.ecfg.resource)
         self.dense_resource = self.measure(graph.full_widths())
         self.window = acceptance_window(config.target * self.dense_resource, self.ecfg.tolerance, self.ecfg.window)
@@ -277,7 +279,7 @@ class EagleEyePruner(Pruner):
         payload = {"model": self.graph.model, "input_shape": self.graph.input_shape, "train": train_set,
                    "holdout": holdout, "calib": calib, "seed": self.seed, "eval_batch": 512}
         keeps = [dict(m.items()) for m in masks]
-        bar = tqdm(total=len(masks), desc="EagleEye candidates", disable=not self.progress, leave=False)
+        bar = progress_bar(total=len(masks), enabled=self.progress, desc="EagleEye candidates", leave=False)
         out: list[float] = []
         if workers <= 1:
             saved = torch.get_num_threads()
@@ -320,6 +322,9 @@ class EagleEyePruner(Pruner):
                                       for w, s in zip(widths, scores)]}
         self.record(self.final_target_ms, self.predicted_ms(), sum(g.width for g in self.groups)
                     - sum(self.widths()[g.id] for g in self.groups))
+
+    def holdout_size(self) -> int:
+        return self.ecfg.holdout
 
     def prune_step(self) -> StepLog:
         raise RuntimeError("EagleEye prunes once, in setup(), before fine-tuning")

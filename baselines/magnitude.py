@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
-from halp.pruning import PruneConfig, Pruner, StepLog, check_chunk
+from halp.pruners import PruneConfig, Pruner, PrunerContext, StepLog, register_pruner
+from halp.pruners.base import check_chunk
 from halp.saliency import filter_norms
 
 
@@ -60,13 +61,13 @@ def magnitude_scores(graph: ChannelGraph, groups, reduce: str = "first",
     return out
 
 
+@register_pruner("magnitude", MagnitudeConfig, label="Magnitude")
 class MagnitudePruner(Pruner):
-    method = "magnitude"
-
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
-                 method_cfg: MagnitudeConfig | None = None, chunk_sizes: dict[str, int] | None = None) -> None:
+                 method_cfg: MagnitudeConfig | None = None, context: PrunerContext | None = None,
+                 chunk_sizes: dict[str, int] | None = None) -> None:
         self.mcfg = method_cfg or MagnitudeConfig()
-        super().__init__(graph, cost, config, chunk_sizes, chunk=self.mcfg.chunk)
+        super().__init__(graph, cost, config, chunk_sizes, chunk=self.mcfg.chunk, context=context)
         self.one_shot = Schedule(self.mcfg.schedule) is Schedule.ONE_SHOT
         if self.one_shot:
             self.steps_total = 1

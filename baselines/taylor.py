@@ -18,7 +18,8 @@ import torch
 
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
-from halp.pruning import PruneConfig, Pruner, StepLog, check_chunk
+from halp.pruners import PruneConfig, Pruner, PrunerContext, StepLog, register_pruner
+from halp.pruners.base import check_chunk
 from halp.saliency import Saliency, SaliencyKind
 
 
@@ -36,13 +37,13 @@ class TaylorConfig:
         check_chunk(self.chunk)
 
 
+@register_pruner("taylor", TaylorConfig, label="Taylor")
 class TaylorPruner(Pruner):
-    method = "taylor"
-
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
-                 method_cfg: TaylorConfig | None = None, chunk_sizes: dict[str, int] | None = None) -> None:
+                 method_cfg: TaylorConfig | None = None, context: PrunerContext | None = None,
+                 chunk_sizes: dict[str, int] | None = None) -> None:
         self.tcfg = method_cfg or TaylorConfig()
-        super().__init__(graph, cost, config, chunk_sizes, chunk=self.tcfg.chunk)
+        super().__init__(graph, cost, config, chunk_sizes, chunk=self.tcfg.chunk, context=context)
         self.saliency = Saliency(graph, self.groups, SaliencyKind.TAYLOR_BN_SQ)
         self.ema: dict[str, torch.Tensor] | None = None
 

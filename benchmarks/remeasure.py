@@ -21,8 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.assets import dense_path, new_model
-from experiments.config import JobConfig
-from halp.data import build_datasets
+from experiments.config import JobConfig, upgrade_record_config
+from experiments.data import build_datasets
 from halp.export import load_module
 from halp.fileio import atomic_write_text
 from halp.latency.backends import get_backend
@@ -31,7 +31,8 @@ from halp.latency.timing import Protocol, measure
 
 def job_config(record: dict) -> JobConfig:
     """The run's typed config, from the plain dict its record holds."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), record["config"]))
+    config = upgrade_record_config(record["config"])  # records from before the method registry too
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), config))
 
 
 def load_runs(root: Path) -> list[tuple[Path, dict, JobConfig]]:

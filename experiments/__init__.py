@@ -1,1 +1,1 @@
-"""The Hydra experiment app and its configs (the main job lives here once the pruner exists)."""
+"""The experiment suite: the Hydra app (``halp-run``), the main job, its configs, data, training, reports."""

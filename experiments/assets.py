@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from halp.distributed import SINGLE, DistEnv, barrier, broadcast
-from halp.engine import Trainer, evaluate
+from halp.evaluation import evaluate
 from halp.fileio import atomic_write, atomic_write_text, file_lock
 from halp.graph import ChannelGraph
 from halp.latency.backends import get_backend
@@ -24,6 +23,10 @@ from halp.latency.timing import Protocol, measure
 from halp.models import create_model
 
 from .config import JobConfig
+from .distributed import SINGLE, DistEnv, barrier, broadcast
+from .engine import Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,14 +50,9 @@ def key_of(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def say(cfg: JobConfig, msg: str) -> None:
-    if cfg.progress:
-        tqdm.write(f"[halp] {msg}")
-
-
-def _lock(stack: ExitStack, de: DistEnv, path: Path, what: str, cfg: JobConfig) -> None:
+def _lock(stack: ExitStack, de: DistEnv, path: Path, what: str) -> None:
     if de.is_main:  # one lock per job: rank 0 holds it for the job's processes
-        stack.enter_context(file_lock(path, what, say=lambda m: say(cfg, m)))
+        stack.enter_context(file_lock(path, what, say=log.info))
 
 
 def dense_path(cfg: JobConfig, cache: Path) -> Path:
@@ -75,13 +73,13 @@ def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SING
     model = new_model(cfg, splits.num_classes, splits.input_shape[0])
     path = dense_path(cfg, cache)
     with ExitStack() as stack:
-        _lock(stack, de, path, "training the dense model", cfg)
+        _lock(stack, de, path, "training the dense model")
         if broadcast(de, path.exists()):
             blob = torch.load(path, map_location="cpu", weights_only=False)
             model.load_state_dict(blob["model"])
-            say(cfg, f"dense model reused from {path} (top-1 {blob['metrics']['top1']:.2f}%)")
+            log.info(f"dense model reused from {path} (top-1 {blob['metrics']['top1']:.2f}%)")
             return model, blob["metrics"] | {"train_seconds": 0.0, "checkpoint": str(path), "reused": True}
-        say(cfg, f"training the dense model for {cfg.dense.epochs} epoch(s)")
+        log.info(f"training the dense model for {cfg.dense.epochs} epoch(s)")
         trainer = Trainer(model, splits.train, splits.val, cfg.dense, checkpoint=path.with_suffix(".partial.pt"),
                           progress=cfg.progress, dist=de)
         trainer.try_resume()
@@ -119,7 +117,7 @@ def _latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path, pinned: Pat
     info = _load_or_build(cfg, graph, cache, pinned is not None and pinned.exists())
     if pinned is not None and pinned.exists():
         info.table.calibration = json.loads(pinned.read_text())
-        say(cfg, f"using the anchors this run measured before it was interrupted ({pinned.name})")
+        log.info(f"using the anchors this run measured before it was interrupted ({pinned.name})")
     return info
 
 
@@ -135,9 +133,9 @@ def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchor
     path = Path(cfg.latency.table) if cfg.latency.table else table_path(cfg, graph, cache)
     with ExitStack() as stack:
         if not cfg.latency.table:
-            _lock(stack, SINGLE, path, "building the latency table", cfg)
+            _lock(stack, SINGLE, path, "building the latency table")
         if not path.exists() and not cfg.latency.table:
-            say(cfg, f"building the latency table {path}")
+            log.info(f"building the latency table {path}")
             t0 = time.perf_counter()
             plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step)
             table = build_table(plan, path, Protocol(rounds=cfg.latency.rounds), progress=cfg.progress)
@@ -147,7 +145,7 @@ def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchor
                             allow_mismatch=cfg.latency.allow_mismatch)
         if skip_anchors:
             return TableInfo(table, path, 0.0, True, _file_id(path))
-        say(cfg, f"latency table reused from {path}; re-measuring its end-to-end anchors")
+        log.info(f"latency table reused from {path}; re-measuring its end-to-end anchors")
         t0 = time.perf_counter()
         table.calibration = recalibrate(graph, table, setting)  # timings drift between runs
         return TableInfo(table, path, time.perf_counter() - t0, True, _file_id(path))

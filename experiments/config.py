@@ -1,30 +1,27 @@
-"""The job's typed configuration (the schema Hydra validates every config and override against)."""
+"""The job's typed configuration (the schema Hydra validates every config and override against).
+
+The pruning method is a config node of its own (``method/<name>.yaml``: ``name`` plus that
+method's settings only), validated against the settings dataclass the method registered with
+:func:`halp.pruners.register_pruner`. A method that lives outside this repository names the module
+that registers it in ``method.module``; the job imports it before validating.
+"""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
-from enum import Enum
+from typing import Any, Mapping
 
-from baselines import EagleEyeConfig, MagnitudeConfig, TaylorConfig
-from halp.data import DataConfig
-from halp.engine import TrainConfig
+import baselines  # noqa: F401  (registers magnitude, taylor and eagleeye)
 from halp.latency.backends import Setting
-from halp.pruning import PruneConfig
+from halp.latency.cost import COUT_MODES, OVERHEAD_MODES
+from halp.pruners import PruneConfig, method_config, pruner_names
 
+from .data import DataConfig
+from .engine import TrainConfig
 from .tracking import LoggerConfig
 
-
-class Method(str, Enum):
-    """What ``method=`` may name. ``dense`` records the unpruned model (no fine-tuning)."""
-    HALP = "halp"
-    MAGNITUDE = "magnitude"
-    TAYLOR = "taylor"
-    EAGLEEYE = "eagleeye"
-    DENSE = "dense"
-
-
-LABELS = {Method.HALP: "HALP", Method.MAGNITUDE: "Magnitude", Method.TAYLOR: "Taylor",
-          Method.EAGLEEYE: "EagleEye", Method.DENSE: "dense"}
+DENSE = "dense"  # not a pruner: records the unpruned model, measured like the others
 
 
 @dataclass
@@ -35,22 +32,76 @@ class ModelConfig:
 
 @dataclass
 class LatencyConfig(Setting):
-    """The deployment setting (backend, batch, threads, ...) plus how to get its table."""
+    """The deployment setting (backend, batch, threads, ...) plus how to get its table and how
+    the cost model prices with it (``overhead``, ``conv_only``, ``two_sided``, ``cout_mode``: see
+    :meth:`halp.latency.cost.CostModel.create`)."""
 
     batch: int = 32
     step: int = 8
     rounds: int = 5
     overhead: str = "anchors"
+    conv_only: bool = False
+    two_sided: bool = False
+    cout_mode: str = "ceil"
     table: str | None = None  # an existing table file; default: build or reuse one in the cache
     allow_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.overhead not in OVERHEAD_MODES:
+            raise ValueError(f"latency.overhead must be one of {', '.join(OVERHEAD_MODES)}, got {self.overhead!r}")
+        if self.cout_mode not in COUT_MODES:
+            raise ValueError(f"latency.cout_mode must be one of {', '.join(COUT_MODES)}, got {self.cout_mode!r}")
 
     def setting(self) -> Setting:
         return Setting(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Setting)})
 
+    def cost_options(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`halp.latency.cost.CostModel.create`."""
+        return {"overhead": self.overhead, "conv_only": self.conv_only, "two_sided": self.two_sided,
+                "cout_mode": self.cout_mode}
+
+
+def method_choices() -> list[str]:
+    return [*pruner_names(), DENSE]
+
+
+def resolve_method(method: Any) -> tuple[str, Any]:
+    """(name, settings) of a ``method`` config node: a name, a mapping with ``name`` (and
+    optionally ``module``, the Python module that registers the method) plus the method's
+    settings, or a registered settings dataclass. Settings are ``None`` for ``dense``."""
+    if isinstance(method, str):
+        method = {"name": method}
+    elif dataclasses.is_dataclass(method) and not isinstance(method, type):
+        name = next((n for n in pruner_names() if isinstance(method, type(method_config(n)))), None)
+        if name is None:
+            raise ValueError(f"{type(method).__name__} is not the settings class of a registered method")
+        return name, method
+    if not isinstance(method, Mapping) or not method.get("name"):
+        raise ValueError(f"method must be a method name or a mapping with a 'name', got {method!r}")
+    settings = {k: v for k, v in method.items() if k not in ("name", "module")}
+    name, module = str(method["name"]), method.get("module")
+    if module:
+        try:
+            importlib.import_module(str(module))
+        except ImportError as e:
+            raise ValueError(f"method {name!r}: cannot import its module {module!r} ({e})") from None
+    if name == DENSE:
+        if settings:
+            raise ValueError(f"method 'dense' takes no settings, got {', '.join(sorted(settings))}")
+        return name, None
+    if name not in pruner_names():
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_choices())}")
+    return name, method_config(name, settings)
+
 
 @dataclass
 class JobConfig:
-    method: str = "halp"
+    """One job: one method at one latency target. ``method`` is the ``method/`` config group's
+    node (see :func:`resolve_method`); after construction ``method_name`` and ``method_cfg`` hold
+    its parsed form."""
+
+    method: Any = field(default_factory=lambda: {"name": "halp"})
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -58,9 +109,6 @@ class JobConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.02))
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(target=0.5, interval=20, steps=10))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
-    magnitude: MagnitudeConfig = field(default_factory=MagnitudeConfig)
-    taylor: TaylorConfig = field(default_factory=TaylorConfig)
-    eagleeye: EagleEyeConfig = field(default_factory=EagleEyeConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(backend="none"))
     dist_backend: str = "auto"  # auto | gloo | nccl: for jobs started as several processes
     cache_dir: str = ".halp-cache"
@@ -68,14 +116,42 @@ class JobConfig:
     measure_rounds: int = 9
 
     def __post_init__(self) -> None:
-        method_of(self)
+        self.method_name, self.method_cfg = resolve_method(self.method)
+        # the record keeps the node in one shape: name, module (if any), every setting
+        node = {"name": self.method_name}
+        if isinstance(self.method, Mapping) and self.method.get("module"):
+            node["module"] = str(self.method["module"])
+        if self.method_cfg is not None:
+            node.update(dataclasses.asdict(self.method_cfg))
+        self.method = node
         if self.dist_backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
 
 
-def method_of(cfg: JobConfig) -> Method:
-    try:
-        return Method(cfg.method)
-    except ValueError:
-        raise ValueError(f"unknown method {cfg.method!r}; choose one of "
-                         f"{', '.join(m.value for m in Method)}") from None
+# keys of records written before the method became a config node of its own (git 17fce40 and older)
+_OLD_METHOD_KEYS = ("magnitude", "taylor", "eagleeye")
+_OLD_HALP_KEYS = ("solver", "saliency", "max_resolve")
+_OLD_DATA_KEYS = ("batch_size", "eval_batch_size", "workers")
+
+
+def upgrade_record_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``config`` of a ``result.json`` in today's layout. Records written before the method
+    registry kept every baseline's settings beside ``method: <name>``, HALP's knobs under
+    ``prune`` and unused loader keys under ``data``; those are moved or dropped."""
+    cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
+    if isinstance(cfg.get("method"), str):
+        name = cfg["method"]
+        node: dict[str, Any] = {"name": name}
+        if name in _OLD_METHOD_KEYS:
+            node.update(cfg.get(name) or {})
+        prune = cfg.get("prune") or {}
+        if name == "halp":
+            node.update({k: prune[k] for k in _OLD_HALP_KEYS if k in prune})
+        cfg["method"] = node
+    for key in _OLD_METHOD_KEYS:
+        cfg.pop(key, None)
+    for key in _OLD_HALP_KEYS:
+        (cfg.get("prune") or {}).pop(key, None)
+    for key in _OLD_DATA_KEYS:
+        (cfg.get("data") or {}).pop(key, None)
+    return cfg

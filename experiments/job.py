@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import time
@@ -18,28 +19,28 @@ from pathlib import Path
 
 import torch
 
-from baselines import EagleEyePruner, MagnitudePruner, TaylorPruner
-from halp import distributed
 from halp.counting import count
-from halp.data import build_datasets
-from halp.engine import Preempted, Trainer, evaluate
+from halp.evaluation import evaluate
 from halp.export import save_module
 from halp.fileio import atomic_write_text
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.masks import ChannelMasks
-from halp.pruner import HalpPruner
-from halp.pruning import Pruner
+from halp.pruners import Pruner, PrunerContext, create_pruner
 from halp.slim import slim_model
 
-from .assets import JobData, dense_model, latency_table, measure_latency, pin_anchors, say
-from .config import (LABELS, EagleEyeConfig, JobConfig, LatencyConfig, MagnitudeConfig, Method, ModelConfig,
-                     TaylorConfig, method_of)
+from . import distributed
+from .assets import JobData, dense_model, latency_table, measure_latency, pin_anchors
+from .config import DENSE, JobConfig, LatencyConfig, ModelConfig
+from .data import build_datasets
+from .engine import Preempted, Trainer
+from .figures import method_label
 from .preemption import PreemptionGuard
 from .tracking import Tracker
 
-__all__ = ["EagleEyeConfig", "JobConfig", "LatencyConfig", "MagnitudeConfig", "Method", "ModelConfig",
-           "TaylorConfig", "format_result", "make_pruner", "run_job"]
+log = logging.getLogger(__name__)
+
+__all__ = ["JobConfig", "LatencyConfig", "ModelConfig", "format_result", "make_pruner", "run_job"]
 
 
 def git_commit() -> str | None:
@@ -53,17 +54,10 @@ def git_commit() -> str | None:
 
 def make_pruner(cfg: JobConfig, graph: ChannelGraph, cost: CostModel) -> Pruner:
     """The pruner ``cfg.method`` names, on the shared graph and cost model."""
-    method = method_of(cfg)
-    if method is Method.HALP:
-        return HalpPruner(graph, cost, cfg.prune)
-    if method is Method.MAGNITUDE:
-        return MagnitudePruner(graph, cost, cfg.prune, cfg.magnitude)
-    if method is Method.TAYLOR:
-        return TaylorPruner(graph, cost, cfg.prune, cfg.taylor)
-    if method is Method.EAGLEEYE:
-        return EagleEyePruner(graph, cost, cfg.prune, cfg.eagleeye, seed=cfg.seed,
-                              threads=cfg.finetune.threads, progress=cfg.progress)
-    raise ValueError(f"method {method.value!r} does not prune")
+    if cfg.method_name == DENSE:
+        raise ValueError("method 'dense' does not prune")
+    context = PrunerContext(seed=cfg.seed, threads=cfg.finetune.threads, progress=cfg.progress)
+    return create_pruner(cfg.method_name, graph, cost, cfg.prune, cfg.method_cfg, context)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -83,7 +77,6 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
 
     Returns the result record on rank 0 (``None`` on other ranks). On a preemption signal the
     job checkpoints and hands over to submitit (requeue) or exits; rerunning it resumes."""
-    method = method_of(cfg)
     if cfg.model.name.startswith("mmdet:") or cfg.data.name == "voc":
         raise NotImplementedError("detection (SSD on VOC) is not wired into the job yet; the ssd_voc preset is a "
                                   "placeholder that records the paper's setting (see the detection issue)")
@@ -93,7 +86,7 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
         check_writable(run_dir)
     guard = PreemptionGuard().install()
     try:
-        return _run(cfg, method, run_dir, de, guard)
+        return _run(cfg, run_dir, de, guard)
     except Preempted:
         guard.hand_over()  # requeues (submitit) or exits; does not return
         raise
@@ -102,23 +95,22 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
         distributed.shutdown()
 
 
-def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
-         guard: PreemptionGuard) -> dict | None:
+def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: PreemptionGuard) -> dict | None:
     cache = Path(cfg.cache_dir)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.dense.threads)
     train, val, _, info = build_datasets(cfg.data)  # fails early, saying where to get missing data
-    holdout = None
-    if method is Method.EAGLEEYE:  # scored on training samples the dense model saw, as in the paper
-        holdout = build_datasets(replace(cfg.data, holdout=cfg.eagleeye.holdout))[2]
     splits = JobData(train, val, info.num_classes, info.input_shape)
     model, dense_metrics = dense_model(cfg, splits, cache, de)
     graph = ChannelGraph.build(model, splits.input_shape)
     pinned = run_dir / "lut-anchors.json"
     lut = latency_table(cfg, graph, cache, de, pinned=pinned)
-    cost = CostModel.create(graph, lut.table, overhead=cfg.latency.overhead)
-    pruner = make_pruner(cfg, graph, cost) if method is not Method.DENSE else None  # checks feasibility
+    cost = CostModel.create(graph, lut.table, **cfg.latency.cost_options())
+    pruner = make_pruner(cfg, graph, cost) if cfg.method_name != DENSE else None  # checks feasibility
+    holdout = None
+    if pruner is not None and pruner.holdout_size():  # training samples the dense model saw, as in EagleEye
+        holdout = build_datasets(replace(cfg.data, holdout=pruner.holdout_size()))[2]
     dense_ms = cost.total_ms(graph.full_widths())
     dense_counts = count(graph)
     dense_copy = copy.deepcopy(model).eval()
@@ -129,12 +121,12 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
     tracker = Tracker.start(cfg.logger, run_dir, name, asdict(cfg), rank=de.rank)
     st, setup_seconds, resumed = None, 0.0, None
     if pruner is not None:
-        say(cfg, f"{LABELS[method]}: pruning to {cfg.prune.target:.0%} of {dense_ms:.3f} ms (predicted "
-                 "dense), fine-tuning")
+        log.info(f"{method_label(cfg.method_name)}: pruning to {cfg.prune.target:.0%} of {dense_ms:.3f} ms "
+                 f"(predicted dense), fine-tuning; method settings {cfg.method}")
 
         def report(entry) -> None:
-            say(cfg, f"step {entry.step}: target {entry.target_ms:.3f} ms, predicted "
-                     f"{entry.predicted_ms:.3f} ms, removed {entry.removed} channels")
+            log.info(f"step {entry.step}: target {entry.target_ms:.3f} ms, predicted {entry.predicted_ms:.3f} ms, "
+                     f"removed {entry.removed} channels")
             tracker.log({"prune/step": entry.step, "prune/target_ms": entry.target_ms,
                          "prune/predicted_ms": entry.predicted_ms, "prune/removed": entry.removed},
                         step=entry.iteration)
@@ -145,7 +137,7 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
         if trainer.try_resume():
             resumed = {"iteration": trainer.state.iteration, "prune_step": pruner.step,
                        "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
-            say(cfg, f"resumed at iteration {trainer.state.iteration} (pruning step {pruner.step})")
+            log.info(f"resumed at iteration {trainer.state.iteration} (pruning step {pruner.step})")
         else:
             t0 = time.perf_counter()
             if de.is_main:  # one-shot methods decide their masks here; the other ranks receive them
@@ -169,7 +161,7 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
     slim = slim_model(graph, masks).eval()
     final = evaluate(slim, splits.val, cfg.finetune.eval_batch_size)
     save_module(slim, run_dir / "slim.pt")
-    say(cfg, "measuring the dense and the slim model end to end")
+    log.info("measuring the dense and the slim model end to end")
     dense_t, slim_t = measure_latency(cfg, [dense_copy, slim], splits.input_shape)
     widths = masks.widths()
     counts = count(graph, widths)
@@ -178,7 +170,7 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
     train_seconds = st.train_seconds if st else 0.0
     prune_seconds = (st.prune_seconds if st else 0.0) + setup_seconds
     result = {
-        "method": method.value, "model": cfg.model.name, "dataset": cfg.data.name, "seed": cfg.seed,
+        "method": cfg.method_name, "model": cfg.model.name, "dataset": cfg.data.name, "seed": cfg.seed,
         "target_ratio": ratio, "git_commit": git_commit(), "world_size": de.world,
         "config": asdict(cfg), "lut": {"id": lut.id, "path": str(lut.path), "created": lut.table.meta.get("created"),
                                        "reused": lut.reused, "anchors": lut.table.calibration["anchors"],
@@ -213,7 +205,7 @@ def _run(cfg: JobConfig, method: Method, run_dir: Path, de: distributed.DistEnv,
 
 def format_result(r: dict) -> str:
     d, p = r["dense"], r["pruned"]
-    label = LABELS.get(Method(r["method"]), r["method"])
+    label = method_label(r["method"])
     rows = [("", "dense", f"{label} {r['target_ratio']:.0%}"),
             ("top-1 (%)", f"{d['top1']:.2f}", f"{p['top1']:.2f}"),
             ("top-5 (%)", f"{d['top5']:.2f}", f"{p['top5']:.2f}"),

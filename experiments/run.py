@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -17,6 +18,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.job import JobConfig, format_result, run_job
+
+log = logging.getLogger("experiments.run")
+
+
+class NotFileOnly(logging.Filter):
+    """Keeps records marked ``file_only`` off the console (conf/hydra/job_logging/halp.yaml)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
 
 ConfigStore.instance().store(name="job_schema", node=JobConfig)
 if not OmegaConf.has_resolver("slug"):
@@ -34,14 +45,15 @@ def main(cfg: DictConfig) -> None:
         job: JobConfig = OmegaConf.to_object(cfg)
         result = run_job(job, hc.runtime.output_dir)
     except USER_ERRORS as e:
+        log.error("halp-run: error: %s", e, extra={"file_only": True})  # stderr has it already
         print(f"halp-run: error: {e}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:  # fail this job of the sweep, not the whole sweep
             raise RuntimeError(f"{hc.runtime.output_dir}: {e}") from None
         sys.exit(2)
     if result is None:  # not rank 0 of a multi-process job
         return
-    print(format_result(result))
-    print(f"result: {hc.runtime.output_dir}/result.json")
+    log.info("result\n%s", format_result(result))
+    log.info(f"result: {hc.runtime.output_dir}/result.json")
 
 
 if __name__ == "__main__":

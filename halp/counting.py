@@ -11,28 +11,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from .graph import ChannelGraph, LayerInfo
-from .slim import vanished_blocks
-from .residual import find_residual_blocks
+from .residual import removed_modules
 
 
 @dataclass(frozen=True)
 class Counts:
     macs: int
     params: int
-
-
-def removed_modules(graph: ChannelGraph, widths: dict[str, int]) -> set[str]:
-    """Names of the modules that an emptied residual branch takes out of the slim model."""
-    gone = vanished_blocks(graph, widths)
-    if not gone:
-        return set()
-    specs = find_residual_blocks(graph.model)
-    out = set()
-    for b in gone:
-        shortcut = f"{b}.{specs[b].shortcut}." if specs[b].shortcut else None
-        out.update(n for n, _ in graph.model.named_modules()
-                   if n.startswith(f"{b}.") and not (shortcut and n.startswith(shortcut)))
-    return out
 
 
 def layer_macs(li: LayerInfo, cin: int, cout: int) -> int:

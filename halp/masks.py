@@ -79,6 +79,16 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
         return cls({gid: torch.ones(g.width, dtype=torch.bool) for gid, g in graph.groups.items()})
 
     @classmethod
+    def prefix(cls, graph: ChannelGraph, widths: dict[str, int]) -> "ChannelMasks":
+        """Masks keeping the first ``widths[gid]`` channels of every group (for timing only)."""
+        keep = {}
+        for gid, g in graph.groups.items():
+            m = torch.zeros(g.width, dtype=torch.bool)
+            m[: widths[gid]] = True
+            keep[gid] = m
+        return cls(keep)
+
+    @classmethod
     def random(cls, graph: ChannelGraph, generator: torch.Generator, min_width: int = 1,
                vanish_prob: float = 0.0, include_stem: bool = True) -> "ChannelMasks":
         """Random masks for tests and ``halp inspect``: each group keeps a uniform random count

@@ -4,16 +4,22 @@ When every channel of a group inside a residual branch is pruned, the branch no 
 its input: the first layer after the empty group sees zeros, so the branch emits the constant its
 last BatchNorm produces from zero input (propagated through the layers after it). The block then
 becomes ``post_act(shortcut(x) + constant)`` (HALP.md §5). This module knows, per block type, where
-the branch ends, what the shortcut is and which activation follows the addition; register more
-block types with :func:`register_residual_block`.
+the branch ends, what the shortcut is and which activation follows the addition, and which blocks
+and modules a width configuration empties — bookkeeping that pricing (counting, latency) shares
+with slimming without depending on it. It knows no block type of its own: the zoo in
+:mod:`halp.models` registers torchvision's and timm's block types (so import it before building a
+graph of such a model); register your own for other models with :func:`register_residual_block`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .graph import ChannelGraph
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,11 @@ _ADAPTERS: dict[type, Callable[[nn.Module], ResidualSpec | None]] = {}
 
 
 def register_residual_block(block_type: type, adapter: Callable[[nn.Module], ResidualSpec | None]) -> None:
-    """Teach slimming a residual block type; ``adapter(block)`` returns ``None`` for no skip."""
+    """Teach slimming a residual block type; ``adapter(block)`` returns ``None`` for no skip.
+
+    The zoo in :mod:`halp.models` registers torchvision's and timm's block types; register your
+    own for other models.
+    """
     _ADAPTERS[block_type] = adapter
 
 
@@ -48,6 +58,26 @@ def find_residual_blocks(model: nn.Module) -> dict[str, ResidualSpec]:
     return out
 
 
+def vanished_blocks(graph: ChannelGraph, widths: dict[str, int]) -> list[str]:
+    """Residual blocks whose branch loses a whole group under ``widths``."""
+    return sorted({graph.groups[gid].residual_block for gid, w in widths.items()
+                   if w == 0 and graph.groups[gid].residual_block is not None})
+
+
+def removed_modules(graph: ChannelGraph, widths: dict[str, int]) -> set[str]:
+    """Names of the modules that an emptied residual branch takes out of the slim model."""
+    gone = vanished_blocks(graph, widths)
+    if not gone:
+        return set()
+    specs = find_residual_blocks(graph.model)
+    out = set()
+    for b in gone:
+        shortcut = f"{b}.{specs[b].shortcut}." if specs[b].shortcut else None
+        out.update(n for n, _ in graph.model.named_modules()
+                   if n.startswith(f"{b}.") and not (shortcut and n.startswith(shortcut)))
+    return out
+
+
 class ConstantResidual(nn.Module):
     """``post_act(shortcut(x) + constant)``: a residual block whose branch was pruned to nothing."""
 
@@ -60,49 +90,3 @@ class ConstantResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.post_act(self.shortcut(x) + self.constant)
-
-
-def _register_builtin() -> None:
-    from .models.cifar_resnet import BasicBlock as CifarBasic
-    from .models.mobilenetv2 import InvertedResidual as CompactIR
-
-    def plain(end: str, act: str | None) -> Callable[[nn.Module], ResidualSpec]:
-        def adapter(block: nn.Module) -> ResidualSpec:
-            return ResidualSpec(end, "downsample" if block.downsample is not None else None, act)
-        return adapter
-
-    def inverted(block: nn.Module) -> ResidualSpec | None:
-        if not block.use_res_connect:
-            return None
-        return ResidualSpec(f"conv.{len(block.conv) - 1}" if isinstance(block.conv[-1], nn.BatchNorm2d)
-                            else f"conv.{len(block.conv) - 1}.1")
-
-    register_residual_block(CifarBasic, plain("bn2", "relu"))
-    register_residual_block(CompactIR, inverted)
-    try:
-        from torchvision.models import mobilenetv2 as tv_mbv2
-        from torchvision.models import resnet as tv_resnet
-
-        register_residual_block(tv_resnet.BasicBlock, plain("bn2", "relu"))
-        register_residual_block(tv_resnet.Bottleneck, plain("bn3", "relu"))
-        register_residual_block(tv_mbv2.InvertedResidual, inverted)
-    except ImportError:  # pragma: no cover - torchvision is a hard dependency
-        pass
-    try:
-        from timm.models import resnet as timm_resnet
-    except ImportError:  # pragma: no cover - timm is optional at import time
-        return
-
-    def timm_plain(end: str, act: str) -> Callable[[nn.Module], ResidualSpec | None]:
-        def adapter(block: nn.Module) -> ResidualSpec | None:
-            # Squeeze-excitation makes the branch depend on its input again: not a constant.
-            if getattr(block, "se", None) is not None and not isinstance(block.se, nn.Identity):
-                return None
-            return ResidualSpec(end, "downsample" if block.downsample is not None else None, act)
-        return adapter
-
-    register_residual_block(timm_resnet.BasicBlock, timm_plain("bn2", "act2"))
-    register_residual_block(timm_resnet.Bottleneck, timm_plain("bn3", "act3"))
-
-
-_register_builtin()

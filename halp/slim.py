@@ -13,13 +13,7 @@ from torch import nn
 
 from .graph import ChannelGraph
 from .masks import ChannelMasks, MaskApplier
-from .residual import ConstantResidual, find_residual_blocks
-
-
-def vanished_blocks(graph: ChannelGraph, widths: dict[str, int]) -> list[str]:
-    """Residual blocks whose branch loses a whole group under ``widths``."""
-    return sorted({graph.groups[gid].residual_block for gid, w in widths.items()
-                   if w == 0 and graph.groups[gid].residual_block is not None})
+from .residual import ConstantResidual, find_residual_blocks, vanished_blocks
 
 
 @torch.no_grad()

@@ -13,12 +13,12 @@ from baselines import (EagleEyeConfig, EagleEyePruner, MagnitudeConfig, Magnitud
                        TaylorPruner, adaptive_bn)
 from baselines.eagleeye import acceptance_window, calibration_batches
 from baselines.magnitude import magnitude_scores
-from halp.data import TensorImageDataset
-from halp.engine import TrainConfig, Trainer
+from experiments.data import TensorImageDataset
+from experiments.engine import TrainConfig, Trainer
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.models import create_model
-from halp.pruning import PruneConfig
+from halp.pruners import PruneConfig, PrunerContext
 from halp.slim import masked_copy, slim_model
 
 from conftest import randomize_norms, synthetic_table
@@ -245,7 +245,7 @@ def test_eagleeye_picks_the_best_l1_candidate_and_scores_do_not_depend_on_worker
     graph, cost = resnet()
     train, holdout = make_data(64, 1), make_data(48, 2)
     cfg = EagleEyeConfig(candidates=3, calib_batches=2, batch_size=16, holdout=48)
-    p = EagleEyePruner(graph, cost, PruneConfig(target=0.6), cfg, threads=2)
+    p = EagleEyePruner(graph, cost, PruneConfig(target=0.6), cfg, PrunerContext(threads=2))
     widths = p.sample()[0]
     masks = [p.candidate_masks(w) for w in widths]
     calib = calibration_batches(train, 2, 16, 0)
@@ -303,9 +303,10 @@ def test_every_method_meets_the_budget_and_slims_cleanly(method, tmp_path):
 
 @pytest.mark.parametrize("method", ["magnitude", "taylor", "eagleeye", "dense"])
 def test_job_runs_each_method(method, tmp_path):
-    from experiments.job import EagleEyeConfig as E, run_job
+    from experiments.job import run_job
     from test_job import tiny
-    cfg = tiny(tmp_path, method=method, eagleeye=E(candidates=2, calib_batches=2, batch_size=16, holdout=32))
+    cfg = tiny(tmp_path, method=EagleEyeConfig(candidates=2, calib_batches=2, batch_size=16, holdout=32)
+               if method == "eagleeye" else method)
     r = run_job(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["method"] == method and saved["pruned"]["widths"] == r["pruned"]["widths"]

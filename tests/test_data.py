@@ -1,4 +1,4 @@
-"""Dataset loaders (halp.data): parsing, splits, determinism, error messages."""
+"""Dataset loaders (experiments.data): parsing, splits, determinism, error messages."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from halp.data import (DATASETS, FASHION_MNIST_FILES, FASHION_MNIST_ROOT, DataConfig, TensorImageDataset,
+from experiments.data import (DATASETS, FASHION_MNIST_FILES, FASHION_MNIST_ROOT, DataConfig, TensorImageDataset,
                        build_datasets, build_loaders, read_idx)
 
 MEAN, STD = 0.2860, 0.3530
@@ -183,8 +183,8 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -
 
 def test_image_folder(tmp_path):
     write_image_folder(tmp_path)
-    cfg = DataConfig(name="imagenet", root=str(tmp_path), image_size=32, batch_size=4, holdout=2)
-    train, val, holdout, info = build_loaders(cfg)
+    cfg = DataConfig(name="imagenet", root=str(tmp_path), image_size=32, holdout=2)
+    train, val, holdout, info = build_loaders(cfg, batch_size=4)
     assert (info.num_classes, info.input_shape, info.train_size, info.val_size, info.holdout_size) == \
         (2, (3, 32, 32), 4, 6, 2)
     labels = []
@@ -244,7 +244,7 @@ def test_training_order_and_augmentation_repeat(fashion, workers):
     root, _ = fashion
 
     def epoch(seed):
-        loader = build_loaders(DataConfig(root=str(root), batch_size=4, seed=seed, workers=workers))[0]
+        loader = build_loaders(DataConfig(root=str(root), seed=seed), batch_size=4, workers=workers)[0]
         xs, ys = zip(*loader)
         return torch.cat(xs), torch.cat(ys)
 
@@ -256,19 +256,16 @@ def test_training_order_and_augmentation_repeat(fashion, workers):
 
 def test_loader_settings(fashion):
     root, _ = fashion
-    train, val, holdout, _ = build_loaders(DataConfig(root=str(root), batch_size=3, eval_batch_size=3))
+    train, val, holdout, _ = build_loaders(DataConfig(root=str(root)), batch_size=3, eval_batch_size=3)
     assert train.drop_last and len(train) == 3  # 10 = 3 * 3 + 1: a lone sample breaks BatchNorm
     assert not val.drop_last and len(val) == 2 and holdout is None
     assert not train.persistent_workers
-    train = build_loaders(DataConfig(root=str(root), batch_size=4, workers=1))[0]
+    train = build_loaders(DataConfig(root=str(root)), batch_size=4, workers=1)[0]
     assert not train.drop_last and train.persistent_workers
 
 
 @pytest.mark.parametrize("change, match", [
     ({"name": "mnist"}, "cifar10, fashion_mnist, imagenet, synthetic"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"eval_batch_size": -1}, "eval_batch_size"),
-    ({"workers": -1}, "workers"),
     ({"train_subset": 0}, "train_subset"),
     ({"holdout": -1}, "holdout"),
     ({"holdout": 64}, "holdout"),
@@ -278,6 +275,16 @@ def test_loader_settings(fashion):
 def test_config_validation(change, match):
     with pytest.raises(ValueError, match=match):
         build_datasets(DataConfig(**{"name": "synthetic", "synthetic_samples": 64, **change}))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"eval_batch_size": -1}, "eval_batch_size"),
+    ({"workers": -1}, "workers"),
+])
+def test_loader_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        build_loaders(DataConfig(name="synthetic", synthetic_samples=64), **change)
 
 
 def test_registry_and_name_spelling():

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from halp import distributed  # noqa: E402
-from halp.engine import TrainConfig, Trainer  # noqa: E402
-from halp.pruner import HalpPruner, PruneConfig  # noqa: E402
+from experiments import distributed  # noqa: E402
+from experiments.engine import TrainConfig, Trainer  # noqa: E402
+from halp.pruners import HalpPruner, PruneConfig  # noqa: E402
 
 
 def _setup():

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from experiments.job import JobConfig, LatencyConfig, ModelConfig, run_job
-from halp.data import DataConfig
-from halp.engine import TrainConfig
-from halp.pruner import PruneConfig
+from experiments.data import DataConfig
+from experiments.engine import TrainConfig
+from halp.pruners import PruneConfig
 
 from toy_job import ROOT, halp_run, toy_table
 
@@ -25,7 +25,7 @@ def tiny(tmp_path: Path, measured: bool = False, **over) -> JobConfig:
     # width (at batch 2 and 12x12 it is all dispatch and noise, and targets flip feasibility)
     lat = (LatencyConfig(batch=16, step=4, rounds=1) if measured else
            LatencyConfig(batch=2, step=4, rounds=1, table=toy_table(tmp_path), allow_mismatch=True, overhead="none"))
-    cfg = JobConfig(
+    fields = dict(
         model=ModelConfig("halp:resnet20", width=0.5),
         data=DataConfig(name="synthetic", synthetic_samples=192, synthetic_shape=(1, 28, 28) if measured else (1, 12, 12),
                         synthetic_classes=4),
@@ -33,9 +33,7 @@ def tiny(tmp_path: Path, measured: bool = False, **over) -> JobConfig:
         finetune=TrainConfig(epochs=2, lr=0.02, batch_size=32, threads=1),
         prune=PruneConfig(target=0.95, interval=2, steps=3, chunk=4),  # tiny nets are mostly overhead
         latency=lat, cache_dir=str(tmp_path / "cache"), progress=False, measure_rounds=3)
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    return cfg
+    return JobConfig(**{**fields, **over})
 
 
 def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
@@ -111,8 +109,9 @@ def test_hydra_app_config_validation(tmp_path):
 
 
 LUT_SCRIPT = """
-import json, sys
+import json, logging, sys
 from pathlib import Path
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[halp] %(message)s")  # the job logs its waits
 from experiments.assets import latency_table
 from experiments.config import JobConfig, LatencyConfig, ModelConfig
 from halp.graph import ChannelGraph

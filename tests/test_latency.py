@@ -375,7 +375,7 @@ def test_real_cpu_build_show_validate(tmp_path, capsys):
 
 
 def test_anchor_map_falls_back_to_scale_when_anchors_contradict_themselves():
-    from halp.latency.calibration import apply_knots, overhead_knots
+    from halp.latency.anchors import apply_knots, overhead_knots
     dense = (1.70, 1.93)
     good = [(1.60, 1.61), (1.65, 1.75), dense]
     xs, ys = overhead_knots("anchors", good, dense)

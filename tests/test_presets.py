@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 import experiments.run  # noqa: F401  (registers the schema and resolvers)
 from experiments.config import JobConfig
 from experiments.job import make_pruner, run_job
-from halp.data import DataConfig, build_datasets
-from halp.engine import Trainer
+from experiments.data import DataConfig, build_datasets
+from experiments.engine import Trainer
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.models import create_model
@@ -44,7 +44,7 @@ def test_every_preset_composes_to_a_valid_config():
     assert (r50.finetune.lr, r50.finetune.momentum, r50.finetune.weight_decay, r50.finetune.label_smoothing,
             r50.finetune.warmup_epochs, r50.finetune.amp) == (1.024, 0.875, 3.0517578125e-5, 0.1, 8, True)
     for method in ("halp", "magnitude", "taylor", "eagleeye", "dense"):
-        assert job(f"method={method}").method == method
+        assert job(f"method={method}").method_name == method
 
 
 def test_ssd_placeholder_says_so(tmp_path):

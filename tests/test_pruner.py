@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from halp.data import TensorImageDataset
-from halp.engine import TrainConfig, Trainer
+from experiments.data import TensorImageDataset
+from experiments.engine import TrainConfig, Trainer
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.models import create_model
-from halp.pruner import HalpPruner, PruneConfig
+from halp.pruners import HalpConfig, HalpPruner, PruneConfig
 
 from conftest import synthetic_table
 
@@ -19,13 +19,13 @@ def lin(spec, ci, co):
     return 0.01 * ci * co * spec.kernel[0] * spec.kernel[1] / 9 + 0.05
 
 
-def setup(cfg: PruneConfig, seed: int = 0):
+def setup(cfg: PruneConfig, seed: int = 0, method_cfg: HalpConfig | None = None):
     torch.manual_seed(seed)
     model = create_model("halp:resnet20", num_classes=10, in_chans=1, width=0.5)
     graph = ChannelGraph.build(model, (1, 12, 12))
     table = synthetic_table(graph, lin, step=4)
     cost = CostModel.create(graph, table, overhead="none")
-    return graph, HalpPruner(graph, cost, cfg)
+    return graph, HalpPruner(graph, cost, cfg, method_cfg)
 
 
 def inject(pruner: HalpPruner, seed: int) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def test_geometric_targets():
 
 @pytest.mark.parametrize("solver", ["exact", "greedy"])
 def test_steps_meet_targets_and_keep_the_most_important(solver):
-    graph, p = setup(PruneConfig(target=0.35, steps=4, chunk=4, solver=solver))
+    graph, p = setup(PruneConfig(target=0.35, steps=4, chunk=4), method_cfg=HalpConfig(solver=solver))
     before = p.masks
     for t in range(1, 5):
         scores = inject(p, t)

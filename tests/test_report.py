@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from halp.cli import main
-from halp.report import build_report, mean_ci
+from experiments.report import build_report, mean_ci
 
 FULL = {"conv1": 16, "layer1.0.conv1": 16, "layer2.0.conv1": 32, "layer3.0.conv1": 64}
 METHODS = ("halp", "taylor", "magnitude")

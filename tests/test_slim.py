@@ -15,8 +15,8 @@ from halp.export import export_onnx, load_module, onnx_forward, save_module
 from halp.graph import ChannelGraph
 from halp.masks import ChannelMasks
 from halp.models import create_model
-from halp.residual import ConstantResidual
-from halp.slim import masked_copy, slim_model, vanished_blocks
+from halp.residual import ConstantResidual, vanished_blocks
+from halp.slim import masked_copy, slim_model
 
 from conftest import randomize_norms
 

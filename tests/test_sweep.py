@@ -37,7 +37,7 @@ def _masks(run_dir: Path) -> dict:
 
 
 def test_twelve_job_sweep_lands_logs_to_wandb_and_reports(slurm_env, tmp_path):
-    from experiments.tracking import read_offline_metrics, read_offline_summary
+    from wandb_offline import read_offline_metrics, read_offline_summary
     from halp.cli import main as halp_main
 
     sweep = tmp_path / "sweep"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.tracking import (ID_FILE, LoggerConfig, Tracker, read_offline_metrics,
-                                  read_offline_summary)
+from experiments.tracking import ID_FILE, LoggerConfig, Tracker
+from wandb_offline import read_offline_metrics, read_offline_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

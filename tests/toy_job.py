@@ -14,6 +14,8 @@ from pathlib import Path
 from conftest import synthetic_table
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tests' own config groups (schedule=toy and the baselines' scale for it), added to Hydra's path
+TEST_CONF = Path(__file__).resolve().parent / "conf"
 
 
 def lin(spec, ci, co):
@@ -49,8 +51,7 @@ def overrides(folder: Path, *, width: float = 0.5, shape: tuple[int, int, int] =
         f"finetune.epochs={finetune_epochs}", f"finetune.batch_size={batch}", "finetune.threads=1",
         f"prune.interval={interval}", f"prune.steps={steps}", "prune.chunk=4",
         f"latency.table={table}", "latency.allow_mismatch=true", "latency.overhead=none", "latency.batch=2",
-        "taylor.neurons=8", "eagleeye.candidates=3", "eagleeye.calib_batches=2", "eagleeye.batch_size=16",
-        "eagleeye.holdout=32", "eagleeye.workers=1",
+        f"hydra.searchpath=[file://{TEST_CONF}]", "schedule=toy",
         f"cache_dir={Path(folder) / 'cache'}", "progress=false", "measure_rounds=3",
     ]
 

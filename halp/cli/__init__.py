@@ -1,12 +1,19 @@
-"""The ``halp`` command line: ``halp <command> --help`` explains each command."""
+"""The ``halp`` command line: ``halp <command> --help`` explains each command.
+
+The library's own commands live here; installed packages add more through the ``halp.commands``
+entry-point group (the experiment suite adds ``halp report`` that way), so that the library never
+imports the suite that builds on it.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 # Subcommand modules; each defines ``register(subparsers)`` and sets ``func`` on its parser.
-COMMANDS = ("inspect", "slim", "lut", "report")
+COMMANDS = ("inspect", "slim", "lut")
+PLUGIN_GROUP = "halp.commands"
 
 
 class UserError(Exception):
@@ -22,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"halp.cli.{name}").register(sub)
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name in COMMANDS:
+            continue  # a plugin may not replace a library command
+        try:
+            ep.load().register(sub)
+        except ImportError as e:  # a plugin whose extras are missing must not break the other commands
+            print(f"halp: command {ep.name!r} unavailable ({e})", file=sys.stderr)
     return parser
 
 

@@ -11,7 +11,8 @@ import torch
 from ..counting import count
 from ..graph import ChannelGraph
 from ..masks import ChannelMasks
-from ..slim import masked_copy, slim_model, vanished_blocks
+from ..residual import vanished_blocks
+from ..slim import masked_copy, slim_model
 from .common import add_model_args, model_from_args
 
 HELP = """Print a model's channel groups (coupled channels that are pruned together), the geometry of

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 from ..graph import ChannelGraph
+from ..latency.anchors import anchor_ms
 from ..latency.backends import Setting, cpu_name, get_backend
 from ..latency.build import build_table, parse_shard, plan_build
-from ..latency.calibration import anchor_ms, recalibrate
+from ..latency.calibration import recalibrate
 from ..latency.cost import CostModel
 from ..latency.quality import chunk_sizes, monotonicity_violations, noise_summary, smooth_monotone
 from ..latency.table import LatencyTable, load_reference, merge

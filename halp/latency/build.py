@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from ..graph import ChannelGraph
 from .backends import Backend, Setting, get_backend
+from .calibration import calibrate
 from .table import Entry, LatencyTable
 from .timing import Protocol, measure
-from .calibration import calibrate
 from .units import UnitSpec, enumerate_points, model_units
 
 

@@ -4,7 +4,8 @@ A few whole networks are timed end to end — the dense model, every group at ab
 width, and the grid's smallest model — interleaved in one run. The cost model then maps its sum
 of unit latencies to an end-to-end prediction through these anchors (``overhead="anchors"``,
 piecewise linear in the units' sum), or through the dense anchor alone (``offset``/``scale``, the
-one-measurement forms) or the dense and smallest ones (``affine``).
+one-measurement forms) or the dense and smallest ones (``affine``); that math lives in
+:mod:`.anchors`, this module only measures.
 
 Anchors take seconds to measure, so a job re-measures them when it starts (timings drift between
 runs by several per cent on our machines) instead of trusting the ones stored with the table.
@@ -13,37 +14,26 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import warnings
 
-import numpy as np
 import torch
 
 from ..graph import ChannelGraph
+from ..masks import ChannelMasks
+from ..slim import slim_model
+from .anchors import anchor_widths
 from .backends import Backend, Setting, get_backend
 from .timing import Protocol, measure
-from .units import reachable_widths
 
 ANCHOR_PROTOCOL = Protocol(rounds=9, sample_ms=50.0)
-
-
-def anchor_widths(graph: ChannelGraph, steps: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Widths of the anchors: dense, every group at the grid width nearest half, smallest."""
-    grids = {gid: reachable_widths(g.width, steps.get(gid, 1)) for gid, g in graph.groups.items()}
-    return {"dense": {gid: o[-1] for gid, o in grids.items()},
-            "half": {gid: min(o, key=lambda w: (abs(w - o[-1] / 2), w)) for gid, o in grids.items()},
-            "smallest": {gid: o[0] for gid, o in grids.items()}}
 
 
 def calibrate(graph: ChannelGraph, steps: dict[str, int], backend: Backend,
               protocol: Protocol = ANCHOR_PROTOCOL) -> dict:
     """Time the anchors end to end (interleaved) with an entered ``backend``."""
-    from ..slim import slim_model
-    from .validate import masks_for
-
     x = torch.randn(backend.setting.batch, *graph.input_shape)
     anchors = anchor_widths(graph, steps)
     models = [copy.deepcopy(graph.model).eval() if name == "dense" else
-              slim_model(graph, masks_for(graph, w)).eval() for name, w in anchors.items()]
+              slim_model(graph, ChannelMasks.prefix(graph, w)).eval() for name, w in anchors.items()]
     timings = measure(backend, [backend.prepare(m, x) for m in models], protocol)
     return {"anchors": [{"name": name, "ms": t.ms, "spread": t.spread, "widths": anchors[name]}
                         for name, t in zip(anchors, timings)],
@@ -56,48 +46,3 @@ def recalibrate(graph: ChannelGraph, table, setting: Setting) -> dict:
     steps = {gid: int(g.get("step", 1)) for gid, g in table.groups.items()}
     with get_backend(setting) as backend:
         return calibrate(graph, steps, backend)
-
-
-def anchor_ms(calibration: dict | None, name: str) -> float | None:
-    for a in (calibration or {}).get("anchors", []):
-        if a["name"] == name:
-            return float(a["ms"])
-    return None
-
-
-def overhead_knots(mode: str, anchors: list[tuple[float, float]], dense: tuple[float, float]
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Knots (units sum -> end-to-end ms) of the piecewise-linear overhead map of ``mode``.
-
-    ``anchors`` are (units, measured) pairs, ``dense`` the dense model's pair."""
-    ud, md = dense
-    if mode == "none":
-        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
-    if mode == "offset":
-        return np.array([ud - 1.0, ud]), np.array([md - 1.0, md])
-    if mode == "scale":
-        return np.array([0.0, ud]), np.array([0.0, md])
-    pts = sorted(anchors)
-    if mode == "affine":
-        pts = [pts[0], dense]
-    xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-    keep = np.concatenate([[True], np.diff(xs) > 1e-9])  # drop anchors with the same units sum
-    xs, ys = xs[keep], ys[keep]
-    if len(xs) < 2:
-        return np.array([ud - 1.0, ud]), np.array([md - 1.0, md])
-    if np.any(np.diff(ys) <= 0):
-        # Less work measured as slower (noise, or a network too small for width to matter): a
-        # piecewise map would have flat or negative slopes, pricing channels at zero or below and
-        # extrapolating to nonsense. Fall back to the one-anchor proportional map.
-        warnings.warn(f"end-to-end anchors are not increasing with the units' sum ({np.round(ys, 4).tolist()} ms "
-                      f"at {np.round(xs, 4).tolist()}); using overhead='scale' (the dense anchor alone)",
-                      RuntimeWarning, stacklevel=2)
-        return np.array([0.0, ud]), np.array([0.0, md])
-    return xs, ys
-
-
-def apply_knots(xs: np.ndarray, ys: np.ndarray, u: float) -> tuple[float, float]:
-    """(mapped value, local slope) of the piecewise-linear map at ``u``, extrapolating linearly."""
-    j = int(np.clip(np.searchsorted(xs, u) - 1, 0, len(xs) - 2))
-    slope = (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
-    return float(ys[j] + slope * (u - xs[j])), float(slope)

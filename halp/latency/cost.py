@@ -4,7 +4,7 @@
   linear in c_in and, in c_out, follows the staircase (the next measured c_out up, ``ceil``) or
   is linear (``linear``). A layer with no input or no output channel costs nothing.
 - Total = the units' sum (layers of an emptied residual branch drop out) mapped through the
-  end-to-end anchors (see ``calibration.py``): what the units miss (adds, dispatch, data evicted
+  end-to-end anchors (see ``anchors.py``): what the units miss (adds, dispatch, data evicted
   between layers) shrinks with the network but not in proportion, so ``anchors`` (default,
   piecewise linear through dense, half and smallest) fits better than the one-measurement
   ``offset`` / ``scale`` or the two-point ``affine``. Marginal costs are scaled by the map's
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..counting import removed_modules
 from ..graph import ChannelGraph
+from ..residual import removed_modules
+from .anchors import anchor_ms, apply_knots, overhead_knots
 from .table import LatencyTable
-from .calibration import anchor_ms, apply_knots, overhead_knots
 from .units import UnitSpec, layer_grid, model_units
 
 OVERHEAD_MODES = ("none", "offset", "scale", "affine", "anchors")

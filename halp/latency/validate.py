@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from ..graph import ChannelGraph
 from ..masks import ChannelMasks
 from ..slim import slim_model
+from .anchors import anchor_widths
 from .backends import Setting, get_backend
-from .calibration import anchor_widths
 from .cost import CostModel
 from .table import LatencyTable
 from .timing import Protocol, measure
@@ -73,16 +73,6 @@ def draw_configs(graph: ChannelGraph, table: LatencyTable, k: int, seed: int = 0
     return configs[:k]
 
 
-def masks_for(graph: ChannelGraph, widths: dict[str, int]) -> ChannelMasks:
-    """Masks keeping the first ``widths[gid]`` channels of every group (for timing only)."""
-    keep = {}
-    for gid, g in graph.groups.items():
-        m = torch.zeros(g.width, dtype=torch.bool)
-        m[: widths[gid]] = True
-        keep[gid] = m
-    return ChannelMasks(keep)
-
-
 def validate(graph: ChannelGraph, table: LatencyTable, setting: Setting, k: int = 20, seed: int = 0,
              on_grid: bool = True, protocol: Protocol | None = None, progress: bool = True,
              fresh_anchors: bool = True) -> Validation:
@@ -102,7 +92,7 @@ def validate(graph: ChannelGraph, table: LatencyTable, setting: Setting, k: int 
     with backend:
         runners = []
         for name, widths in tqdm(configs, desc="slimming", disable=not progress):
-            slim = slim_model(graph, masks_for(graph, widths)).eval()
+            slim = slim_model(graph, ChannelMasks.prefix(graph, widths)).eval()
             runners.append(backend.prepare(slim, torch.randn(setting.batch, *graph.input_shape)))
         bar = tqdm(total=len(runners) * protocol.rounds, desc="timing", unit="sample", disable=not progress)
         timings = measure(backend, runners, protocol, tick=bar.update)

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from . import blocks  # noqa: F401  (registers torchvision's and timm's residual blocks)
 from .cifar_resnet import CifarResNet
 from .mobilenetv2 import CompactMobileNetV2
 

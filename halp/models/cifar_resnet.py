@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..residual import ResidualSpec, register_residual_block
+
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
@@ -67,3 +69,10 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _basic_block_spec(block: nn.Module) -> ResidualSpec:
+    return ResidualSpec("bn2", "downsample" if block.downsample is not None else None, "relu")
+
+
+register_residual_block(BasicBlock, _basic_block_spec)

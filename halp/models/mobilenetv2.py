@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..residual import ResidualSpec, register_residual_block
+
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2.
 COMPACT_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -74,3 +76,13 @@ class CompactMobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _inverted_residual_spec(block: nn.Module) -> ResidualSpec | None:
+    if not block.use_res_connect:
+        return None
+    return ResidualSpec(f"conv.{len(block.conv) - 1}" if isinstance(block.conv[-1], nn.BatchNorm2d)
+                        else f"conv.{len(block.conv) - 1}.1")
+
+
+register_residual_block(InvertedResidual, _inverted_residual_spec)

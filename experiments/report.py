@@ -1,6 +1,6 @@
 """Collect run records (``result.json``) and write the paper-style tables and figures.
 
-``build_report`` is the entry point; ``halp report`` (``halp/cli/report.py``) only parses arguments.
+``build_report`` is the entry point; ``halp report`` (``experiments/report_cli.py``) only parses arguments.
 Records are read tolerantly: a bad file is skipped with a warning, missing optional fields become
 NaN, and unknown scalar fields are carried into ``runs.csv``. Every output is written atomically.
 """
@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .fileio import atomic_write
-from .figures import LABELS, pareto_figure, predicted_figure, save_png, sections, widths_figure
+from halp.fileio import atomic_write
+
+from .figures import method_label, pareto_figure, predicted_figure, save_png, sections, widths_figure
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper_numbers.csv"
 REQUIRED = ("method", "model", "dataset", "target_ratio", "pruned.top1", "pruned.latency_ms")
@@ -236,7 +237,7 @@ def section_table(agg: pd.DataFrame, extra: bool = True) -> str:
     header += ["n", f"params ({pu})", "measured/target", "predicted/measured", "wall (s)"] if extra else []
     rows = []
     for _, r in agg.iterrows():
-        label = LABELS.get(r["method"], r["method"]) + (" *" if r["source"] != "runs" else "")
+        label = method_label(r["method"]) + (" *" if r["source"] != "runs" else "")
         row = [label, f"{r['target']:.0%}", _fmt(r["macs_mean"] / mf, r["macs_ci"] / mf, 2),
                _fmt(r["top1_mean"], r["top1_ci"], 2), _fmt(r["latency_ms_mean"], r["latency_ms_ci"], ld),
                _fmt(r["speedup_mean"], r["speedup_ci"], 2)]

@@ -17,28 +17,51 @@ Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 
-from .graph import ChannelGraph
-from .latency.cost import CostModel
-from .pruning import PruneConfig, Pruner, StepLog
-from .saliency import Saliency
-from .solver import GroupItems, InfeasibleTarget, get_solver
+from ..graph import ChannelGraph
+from ..latency.cost import CostModel
+from ..saliency import Saliency, SaliencyKind
+from ..solver import SOLVERS, GroupItems, InfeasibleTarget, get_solver
+from .base import PruneConfig, Pruner, PrunerContext, StepLog
+from .registry import register_pruner
 
-__all__ = ["HalpPruner", "PruneConfig", "StepLog"]
+__all__ = ["HalpConfig", "HalpPruner", "PruneConfig", "StepLog"]
 
 
+@dataclass
+class HalpConfig:
+    """HALP's own knobs: ``solver`` (``exact`` knapsack or ``greedy``, the paper's ablation),
+    ``saliency`` (``taylor_bn``, the paper's; ``taylor_bn_sq``, ``l1``, ``l2``) and
+    ``max_resolve`` (how often a step may tighten its budget when cross-group effects push the
+    prediction over the target)."""
+
+    solver: str = "exact"
+    saliency: str = "taylor_bn"
+    max_resolve: int = 8
+
+    def __post_init__(self) -> None:
+        SaliencyKind(self.saliency)
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        if self.max_resolve < 0:
+            raise ValueError(f"max_resolve must be >= 0, got {self.max_resolve}")
+
+
+@register_pruner("halp", HalpConfig, label="HALP")
 class HalpPruner(Pruner):
     """Latency-constrained channel pruning driven by a cost model (one per model and device)."""
 
-    method = "halp"
-
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
+                 method_cfg: HalpConfig | None = None, context: PrunerContext | None = None,
                  chunk_sizes: dict[str, int] | None = None) -> None:
-        super().__init__(graph, cost, config, chunk_sizes)
-        self.saliency = Saliency(graph, self.groups, config.saliency)
-        self.solver = get_solver(config.solver)
+        super().__init__(graph, cost, config, chunk_sizes, context=context)
+        self.hcfg = method_cfg or HalpConfig()
+        self.saliency = Saliency(graph, self.groups, self.hcfg.saliency)
+        self.solver = get_solver(self.hcfg.solver)
 
     def accumulate(self) -> None:
         self.saliency.accumulate()
@@ -79,7 +102,7 @@ class HalpPruner(Pruner):
         floor = sum(_cheapest(it) for it in items)  # every group at its minimum: the solver's floor
         budget = max(budget, floor)  # an unreachable step target: go as low as allowed
         resolves = 0
-        for resolves in range(self.cfg.max_resolve + 1):
+        for resolves in range(self.hcfg.max_resolve + 1):
             try:
                 sol = self.solver.solve(items, budget)
             except InfeasibleTarget as e:  # our floor and the solver's differ in the last bits
@@ -103,6 +126,9 @@ class HalpPruner(Pruner):
         return self.record(target, predicted, removed, resolves)
 
     # ------------------------------------------------------------------ checkpoint
+    def config_state(self) -> dict:
+        return {**asdict(self.cfg), **asdict(self.hcfg)}
+
     def extra_state(self) -> dict:
         return {"saliency": self.saliency.state_dict()}
 

@@ -10,6 +10,7 @@ the batches and random numbers it would have had.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -21,11 +22,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
+
+from halp.evaluation import evaluate, fetch_batch, reseed_dataset
+from halp.fileio import atomic_write
+from halp.progress import progress_bar
 
 from .distributed import SINGLE, DistEnv, barrier, broadcast
-from .fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,36 +88,6 @@ def lr_at(cfg: TrainConfig, iteration: int, total: int, per_epoch: int) -> float
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512, progress: bool = False) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean loss on ``dataset``."""
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss = 0.0
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", leave=False, disable=not progress):
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        top = out.topk(min(5, out.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(1).sum())
-        total += len(y)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss / total}
-
-
-def reseed_dataset(dataset: Dataset, seed: int) -> None:
-    """Reseed the augmentation of ``dataset`` (or of the dataset a Subset wraps), if it has one."""
-    while dataset is not None:
-        if hasattr(dataset, "reseed"):
-            dataset.reseed(seed)
-            return
-        dataset = getattr(dataset, "dataset", None)
-
-
-def fetch_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
-    return default_collate(items)
-
-
 @dataclass
 class TrainState:
     epoch: int = 0
@@ -131,7 +106,7 @@ class Preempted(Exception):
 class Trainer:
     """Trains ``model`` on ``train_set``; ``pruner`` (optional) gets the pruner hooks.
 
-    With ``dist`` (several processes, see ``halp.distributed``) every rank draws the same global
+    With ``dist`` (several processes, see ``experiments.distributed``) every rank draws the same global
     batch and trains on its contiguous shard under DDP; that equals one process with
     ``micro_batches = world`` (same gradients, up to summation order). Rank 0 alone evaluates and
     writes checkpoints; pruning masks are taken from rank 0. ``should_stop`` is polled after every
@@ -208,7 +183,7 @@ class Trainer:
         while st.iteration < self.total:
             order = self._order(st.epoch)
             todo = range(st.batch, min(len(order), st.batch + self.total - st.iteration))
-            bar = tqdm(todo, desc=f"epoch {st.epoch + 1}/{epochs}", disable=not self.progress, leave=False)
+            bar = progress_bar(todo, enabled=self.progress, desc=f"epoch {st.epoch + 1}/{epochs}", leave=False)
             self.model.train()
             t0 = time.perf_counter()
             for b in bar:
@@ -232,8 +207,7 @@ class Trainer:
                 st.history.append({"epoch": st.epoch, "iteration": st.iteration, **metrics})
                 if self.on_epoch:
                     self.on_epoch(st.history[-1])
-                if self.progress:
-                    tqdm.write(f"epoch {st.epoch}: top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}")
+                log.info(f"epoch {st.epoch}: top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}")
                 self.save()
             barrier(self.dist)
         return st

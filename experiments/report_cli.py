@@ -1,4 +1,8 @@
-"""``halp report``: paper-style tables and figures from a directory of run records."""
+"""``halp report``: paper-style tables and figures from a directory of run records.
+
+A plugin of the ``halp`` command line (entry point group ``halp.commands`` in pyproject.toml):
+the report reads the suite's run records, so it belongs to the suite, and the library's CLI
+finds it without importing the suite."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:  # pandas is the optional 'report' extra; import late so other commands never need it
-        from ..report import build_report
+        from .report import build_report
     except ImportError as e:
         raise ValueError(f"halp report needs pandas and matplotlib ({e}); pip install 'halp[report]'") from None
     if args.reference is not None and not args.reference.is_file():

@@ -38,14 +38,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    """What to load and how to batch it. ``root=None`` means the dataset's default location:
-    Debian's folder for Fashion-MNIST, ``$HALP_CIFAR10`` / ``$HALP_IMAGENET`` (falling back to
-    ``~/datasets/cifar10`` / ``~/datasets/imagenet``) for the others."""
+    """What to load. ``root=None`` means the dataset's default location: Debian's folder for
+    Fashion-MNIST, ``$HALP_CIFAR10`` / ``$HALP_IMAGENET`` (falling back to ``~/datasets/cifar10``
+    / ``~/datasets/imagenet``) for the others. How batches are drawn is the trainer's business
+    (``TrainConfig.batch_size``), so it is not configured here."""
     name: str = "fashion_mnist"      # fashion_mnist | cifar10 | imagenet | synthetic
     root: str | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    workers: int = 0
     augment: bool = True
     image_size: int = 224            # imagenet only
     synthetic_samples: int = 512     # training samples; the synthetic val split has a quarter as many
@@ -331,9 +329,9 @@ def _check(cfg: DataConfig) -> Builder:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"DataConfig.{field} must be an integer >= {low}, got {v!r}")
 
-    for field in ("batch_size", "eval_batch_size", "image_size", "synthetic_samples"):
+    for field in ("image_size", "synthetic_samples"):
         integer(field, 1)
-    for field in ("workers", "holdout", "seed"):
+    for field in ("holdout", "seed"):
         integer(field, 0)
     integer("synthetic_classes", 2)
     if cfg.train_subset is not None:
@@ -377,17 +375,22 @@ def _seed_worker(worker_id: int) -> None:
         ds = getattr(ds, "dataset", None)
 
 
-def build_loaders(cfg: DataConfig) -> tuple[DataLoader, DataLoader, DataLoader | None, DataInfo]:
-    """DataLoaders for :func:`build_datasets`. The training loader shuffles with a generator seeded
-    from ``cfg.seed`` (same order and, for in-memory datasets, same augmentation on every run) and
+def build_loaders(cfg: DataConfig, batch_size: int = 128, eval_batch_size: int = 256, workers: int = 0
+                  ) -> tuple[DataLoader, DataLoader, DataLoader | None, DataInfo]:
+    """DataLoaders for :func:`build_datasets`, for training loops of your own (the suite's trainer
+    draws its batches itself). The training loader shuffles with a generator seeded from
+    ``cfg.seed`` (same order and, for in-memory datasets, same augmentation on every run) and
     drops only a final batch of a single sample, which training-mode BatchNorm cannot handle."""
+    for name, v, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("workers", workers, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     train, val, holdout, info = build_datasets(cfg)
-    common = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                  pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker if cfg.workers else None)
-    drop_last = len(train) > cfg.batch_size and len(train) % cfg.batch_size == 1
-    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
+    common = dict(num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=torch.cuda.is_available(), worker_init_fn=_seed_worker if workers else None)
+    drop_last = len(train) > batch_size and len(train) % batch_size == 1
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
-    val_loader = DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, **common)
-    holdout_loader = (DataLoader(holdout, batch_size=cfg.eval_batch_size, shuffle=False, **common)
+    val_loader = DataLoader(val, batch_size=eval_batch_size, shuffle=False, **common)
+    holdout_loader = (DataLoader(holdout, batch_size=eval_batch_size, shuffle=False, **common)
                       if holdout is not None else None)
     return train_loader, val_loader, holdout_loader, info

@@ -1,6 +1,6 @@
 """What every pruner shares: the latency budget, the schedule, masks, training hooks and state.
 
-HALP (``halp.pruner``) and the baselines (``baselines/``) are subclasses of :class:`Pruner`. The
+HALP (``halp.pruners.halp``) and the baselines (``baselines/``) are subclasses of :class:`Pruner`. The
 training loop sees only the interface::
 
     pruner.setup(model, train_set, holdout)          # once, before training (one-shot methods prune here)
@@ -21,37 +21,32 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .graph import ChannelGraph, ChannelGroup
-from .latency.cost import CostModel
-from .masks import ChannelMasks, MaskApplier
+from ..graph import ChannelGraph, ChannelGroup
+from ..latency.cost import CostModel
+from ..masks import ChannelMasks, MaskApplier
 
 
 @dataclass
 class PruneConfig:
-    """The budget and schedule (shared by every method) and HALP's own knobs.
+    """The budget and schedule, shared by every method (each method's own knobs are its config).
 
     ``target``: fraction of the dense latency to keep. ``start``/``interval``/``steps``: prune every
     ``interval`` iterations from ``start``, ``steps`` times. ``chunk``: channels per pruning unit,
     "auto" = from the latency table's staircase (``halp.latency.quality.chunk_sizes``) or a number.
     ``min_width``/``min_fraction``: the least a group keeps; ``allow_vanish`` lets a residual
-    branch go to zero channels. ``solver``/``saliency``/``max_resolve`` are HALP's."""
+    branch go to zero channels."""
 
     target: float = 0.5
     start: int = 0
     interval: int = 40
     steps: int = 30
     chunk: int | str = "auto"
-    solver: str = "exact"
-    saliency: str = "taylor_bn"
     min_width: int = 1
     min_fraction: float = 0.0
     prune_stem: bool = False
     allow_vanish: bool = False
-    max_resolve: int = 8
 
     def __post_init__(self) -> None:
-        from .saliency import SaliencyKind
-
         if not 0 < self.target <= 1:
             raise ValueError(f"target ratio must be in (0, 1] (a fraction of the dense latency), got {self.target}")
         if self.interval < 1 or self.steps < 1 or self.start < 0:
@@ -59,7 +54,6 @@ class PruneConfig:
         check_chunk(self.chunk)
         if not 0 <= self.min_fraction < 1:
             raise ValueError(f"min_fraction must be in [0, 1), got {self.min_fraction}")
-        SaliencyKind(self.saliency)
 
     @property
     def end(self) -> int:
@@ -67,7 +61,17 @@ class PruneConfig:
         return self.start + self.steps * self.interval
 
 
+@dataclass(frozen=True)
+class PrunerContext:
+    """What the driver of a run tells every pruner: the run's seed (methods that draw random
+    numbers use it), the CPU threads it may use, and whether to show progress bars."""
+    seed: int = 0
+    threads: int = 1
+    progress: bool = False
+
+
 def check_chunk(chunk: int | str) -> None:
+    """Raise ValueError unless ``chunk`` is a positive integer or ``"auto"``."""
     if isinstance(chunk, str) and chunk != "auto":
         raise ValueError(f"chunk must be a positive integer or 'auto', got {chunk!r}")
     if isinstance(chunk, int) and chunk < 1:
@@ -92,12 +96,15 @@ class Pruner:
     """Base class: budget, schedule, masks and checkpoint state over a cost model.
 
     ``chunk`` overrides ``config.chunk`` (baselines choose their own granularity); ``chunk_sizes``
-    gives the "auto" sizes when the caller already computed them."""
+    gives the "auto" sizes when the caller already computed them. ``method`` is the name the
+    class is registered under (:func:`halp.pruners.register_pruner` sets it)."""
 
     method = "base"
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
-                 chunk_sizes: dict[str, int] | None = None, chunk: int | str | None = None) -> None:
+                 chunk_sizes: dict[str, int] | None = None, chunk: int | str | None = None,
+                 context: PrunerContext | None = None) -> None:
+        self.context = context or PrunerContext()
         self.graph = graph
         self.cost = cost
         self.cfg = config
@@ -110,7 +117,7 @@ class Pruner:
             self.chunks = {g.id: min(chunk, g.width) for g in self.groups}
         else:
             if chunk_sizes is None:
-                from .latency.quality import chunk_sizes as derive
+                from ..latency.quality import chunk_sizes as derive
                 chunk_sizes = derive(graph, cost.table, cost=cost)
             self.chunks = {g.id: int(chunk_sizes[g.id]) for g in self.groups}
         self.masks = ChannelMasks.full(graph)
@@ -167,6 +174,10 @@ class Pruner:
         return self.cost.total_ms(self.widths())
 
     # ------------------------------------------------------------------ hooks
+    def holdout_size(self) -> int:
+        """Training samples the method wants held out of training for :meth:`setup` (0: none)."""
+        return 0
+
     def setup(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None = None) -> None:
         """Called once before training on the (dense) ``model``; one-shot methods prune here."""
 

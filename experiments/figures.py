@@ -1,5 +1,5 @@
 """The report's figures: accuracy vs measured latency (Pareto), predicted vs measured latency,
-and the per-group widths of pruned models. Input frames come from :mod:`halp.report`."""
+and the per-group widths of pruned models. Input frames come from :mod:`experiments.report`."""
 from __future__ import annotations
 
 import math
@@ -10,11 +10,17 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .fileio import atomic_write
+import baselines  # noqa: F401  (registers the baselines, whose labels the figures print)
+from halp.fileio import atomic_write
+from halp.pruners import pruner_label
 
-LABELS = {"dense": "dense", "halp": "HALP", "eagleeye": "EagleEye", "taylor": "Taylor", "magnitude": "Magnitude"}
 COLORS = {"dense": "black", "halp": "tab:red", "eagleeye": "tab:blue", "taylor": "tab:green",
           "magnitude": "tab:orange"}
+
+
+def method_label(method: str) -> str:
+    """How tables and legends name ``method``: its registered label (the name if unregistered)."""
+    return "dense" if method == "dense" else pruner_label(method)
 
 
 def sections(agg: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -55,7 +61,7 @@ def pareto_figure(agg: pd.DataFrame) -> Figure:
                 ax.plot(100.0, r["top1_mean"], "*", ms=16, color=c, label="dense", zorder=5)
                 continue
             ax.errorbar(x, mg["top1_mean"], xerr=xerr, yerr=mg["top1_ci"].fillna(0), fmt="-o", color=c, capsize=3,
-                        label=LABELS.get(method, method))
+                        label=method_label(method))
             for xi, (_, r) in zip(x, mg.iterrows()):
                 ax.annotate(f"{r['target']:.0%}", (xi, r["top1_mean"]), fontsize=8,
                             xytext=(4, 4), textcoords="offset points", color=c)
@@ -74,7 +80,7 @@ def predicted_figure(df: pd.DataFrame) -> Figure:
         g = g[np.isfinite(g["pruned.predicted_ms"])]
         for method, mg in g.groupby("method", sort=False):
             ax.scatter(mg["pruned.latency_ms"], mg["pruned.predicted_ms"], s=30, alpha=0.8,
-                       color=COLORS.get(method), label=LABELS.get(method, method))
+                       color=COLORS.get(method), label=method_label(method))
         vals = pd.concat([g["pruned.latency_ms"], g["pruned.predicted_ms"]]).astype(float)
         lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 1.0)
         pad = 0.08 * (hi - lo or hi or 1.0)
@@ -119,7 +125,7 @@ def widths_figure(df: pd.DataFrame) -> Figure | None:
             ax.plot(pos[gone], np.full(gone.sum(), 0.03), "x", color=bars.patches[0].get_facecolor(), ms=6)
         ax.set_xticks(x, names, rotation=90, fontsize=7 if len(names) > 30 else 8)
         ax.set(ylim=(0, 1.3), ylabel="kept fraction of channels", xlabel="channel group (network order; x = removed)",
-               title=f"{LABELS.get(method, method)}: {model} on {dataset} (median over seeds)")
+               title=f"{method_label(method)}: {model} on {dataset} (median over seeds)")
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, ncol=min(len(targets), 6), loc="upper center")
