@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512, progress
     model.eval()
     correct1 = correct5 = total = 0
     loss = 0.0
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", leave=False, disable=not progress):
+    for x, y in progress_bar(DataLoader(dataset, batch_size=batch_size), enabled=progress, desc="eval", leave=False):
         out = model(x)
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         top = out.topk(min(5, out.shape[1]), dim=1).indices

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..graph import ChannelGraph
+from ..progress import progress_bar
 from .backends import Backend, Setting, get_backend
 from .calibration import calibrate
 from .table import Entry, LatencyTable
@@ -138,7 +138,7 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
             _append(partial, [{"signature": sig}])
         todo = [p for p in plan.points if p not in done]
         specs = plan.specs
-        bar = tqdm(total=len(todo) * protocol.rounds, unit="sample", disable=not progress,
+        bar = progress_bar(total=len(todo) * protocol.rounds, unit="sample", enabled=progress,
                    desc=f"LUT {plan.model_name}" + (f" shard {plan.shard[0]}/{plan.shard[1]}" if plan.shard else ""),
                    initial=0)
         if done:

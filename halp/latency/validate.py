@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
 
 from ..graph import ChannelGraph
+from ..progress import progress_bar
 from ..masks import ChannelMasks
 from ..slim import slim_model
 from .anchors import anchor_widths
@@ -91,10 +91,10 @@ def validate(graph: ChannelGraph, table: LatencyTable, setting: Setting, k: int 
     backend = get_backend(setting)
     with backend:
         runners = []
-        for name, widths in tqdm(configs, desc="slimming", disable=not progress):
+        for name, widths in progress_bar(configs, enabled=progress, desc="slimming"):
             slim = slim_model(graph, ChannelMasks.prefix(graph, widths)).eval()
             runners.append(backend.prepare(slim, torch.randn(setting.batch, *graph.input_shape)))
-        bar = tqdm(total=len(runners) * protocol.rounds, desc="timing", unit="sample", disable=not progress)
+        bar = progress_bar(total=len(runners) * protocol.rounds, enabled=progress, desc="timing", unit="sample")
         timings = measure(backend, runners, protocol, tick=bar.update)
         bar.close()
     calibration = None
