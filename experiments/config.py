@@ -32,17 +32,20 @@ class ModelConfig:
 
 @dataclass
 class LatencyConfig(Setting):
-    """The deployment setting (backend, batch, threads, ...) plus how to get its table and how
-    the cost model prices with it (``overhead``, ``conv_only``, ``two_sided``, ``cout_mode``: see
-    :meth:`halp.latency.cost.CostModel.create`)."""
+    """The deployment setting (backend, batch, threads, ...) plus how to get its table, how the
+    cost model prices with it (``overhead``, ``conv_only``, ``two_sided``, ``cout_mode``: see
+    :meth:`halp.latency.cost.CostModel.create`) and which resource the budget constrains
+    (``cost``: the table's latency, or MACs for the FLOPs-aware ablation)."""
 
     batch: int = 32
     step: int = 8
     rounds: int = 5
+    cost: str = "latency"      # the constrained resource: latency (the table's) | macs (FLOPs-aware)
     overhead: str = "anchors"
     conv_only: bool = False
-    two_sided: bool = False
+    two_sided: bool = True     # price every latency a chunk changes (False: writers only, the paper's eq.)
     cout_mode: str = "ceil"
+    remeasure_anchors: bool = False  # measure the table's end-to-end anchors again instead of reusing them
     table: str | None = None  # an existing table file; default: build or reuse one in the cache
     allow_mismatch: bool = False
 
@@ -50,6 +53,8 @@ class LatencyConfig(Setting):
         super().__post_init__()
         if self.overhead not in OVERHEAD_MODES:
             raise ValueError(f"latency.overhead must be one of {', '.join(OVERHEAD_MODES)}, got {self.overhead!r}")
+        if self.cost not in ("latency", "macs"):
+            raise ValueError(f"latency.cost must be 'latency' or 'macs', got {self.cost!r}")
         if self.cout_mode not in COUT_MODES:
             raise ValueError(f"latency.cout_mode must be one of {', '.join(COUT_MODES)}, got {self.cout_mode!r}")
 

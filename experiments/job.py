@@ -26,7 +26,9 @@ from halp.fileio import atomic_write_text
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.masks import ChannelMasks
+from halp.macs_cost import MacsCost
 from halp.pruners import Pruner, PrunerContext, create_pruner
+from halp.pruners.base import percent
 from halp.slim import slim_model
 
 from . import distributed
@@ -106,12 +108,16 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     graph = ChannelGraph.build(model, splits.input_shape)
     pinned = run_dir / "lut-anchors.json"
     lut = latency_table(cfg, graph, cache, de, pinned=pinned)
-    cost = CostModel.create(graph, lut.table, **cfg.latency.cost_options())
+    latency_cost = CostModel.create(graph, lut.table, **cfg.latency.cost_options())
+    resource = cfg.latency.cost
+    cost = latency_cost if resource == "latency" else MacsCost(graph, lut.table)
+    unit = getattr(cost, "unit", "ms")
     pruner = make_pruner(cfg, graph, cost) if cfg.method_name != DENSE else None  # checks feasibility
     holdout = None
     if pruner is not None and pruner.holdout_size():  # training samples the dense model saw, as in EagleEye
         holdout = build_datasets(replace(cfg.data, holdout=pruner.holdout_size()))[2]
-    dense_ms = cost.total_ms(graph.full_widths())
+    dense_ms = latency_cost.total_ms(graph.full_widths())
+    dense_budget = cost.total_ms(graph.full_widths())  # in the constrained resource (= dense_ms for latency)
     dense_counts = count(graph)
     dense_copy = copy.deepcopy(model).eval()
     name = run_dir.name
@@ -121,12 +127,12 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     tracker = Tracker.start(cfg.logger, run_dir, name, asdict(cfg), rank=de.rank)
     st, setup_seconds, resumed = None, 0.0, None
     if pruner is not None:
-        log.info(f"{method_label(cfg.method_name)}: pruning to {cfg.prune.target:.0%} of {dense_ms:.3f} ms "
-                 f"(predicted dense), fine-tuning; method settings {cfg.method}")
+        log.info(f"{method_label(cfg.method_name)}: pruning to {percent(cfg.prune.target)} of {dense_budget:.4g} "
+                 f"{unit} (predicted dense {resource}), fine-tuning; method settings {cfg.method}")
 
         def report(entry) -> None:
-            log.info(f"step {entry.step}: target {entry.target_ms:.3f} ms, predicted {entry.predicted_ms:.3f} ms, "
-                     f"removed {entry.removed} channels")
+            log.info(f"step {entry.step}: target {entry.target_ms:.4g} {unit}, predicted {entry.predicted_ms:.4g} "
+                     f"{unit} ({percent(entry.achieved or 0)} of it), removed {entry.removed} channels")
             tracker.log({"prune/step": entry.step, "prune/target_ms": entry.target_ms,
                          "prune/predicted_ms": entry.predicted_ms, "prune/removed": entry.removed},
                         step=entry.iteration)
@@ -180,9 +186,12 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
                   "latency_ms": dense_t.ms, "latency_spread": dense_t.spread,
                   "predicted_ms": dense_ms, "macs": dense_counts.macs, "params": dense_counts.params},
         "pruned": {"top1": final["top1"], "top5": final["top5"], "latency_ms": slim_t.ms,
-                   "latency_spread": slim_t.spread, "predicted_ms": cost.total_ms(widths),
+                   "latency_spread": slim_t.spread, "predicted_ms": latency_cost.total_ms(widths),
                    "target_ms": target_measured, "target_predicted_ms": ratio * dense_ms,
                    "macs": counts.macs, "params": counts.params, "widths": widths},
+        # the constrained resource: latency predicted by the table (ms) or MACs (millions)
+        "budget": {"resource": resource, "unit": unit, "dense": dense_budget, "target": ratio * dense_budget,
+                   "final": cost.total_ms(widths), "final_over_target": cost.total_ms(widths) / (ratio * dense_budget)},
         "speedup": dense_t.ms / slim_t.ms,
         "latency_vs_target": slim_t.ms / target_measured,
         "prune_log": [asdict(e) for e in pruner.log] if pruner else [],

@@ -9,10 +9,12 @@
   piecewise linear through dense, half and smallest) fits better than the one-measurement
   ``offset`` / ``scale`` or the two-point ``affine``. Marginal costs are scaled by the map's
   local slope.
-- The marginal cost of HALP's neuron groups follows the paper (eq. 5-6): removing chunk i of a
-  group with n active channels and chunk size g saves
-  Σ_{l writes G} T_l(p_l, n - g i) - T_l(p_l, n - g (i+1)); ``two_sided`` also counts the c_in
-  shrink of the layers that read G.
+- The marginal cost of HALP's neuron groups: removing chunk i of a group with n active channels
+  and chunk size g saves the units' latency between widths n - g i and n - g (i+1), all other
+  groups as they are. With ``two_sided`` (default) that is every latency the chunk changes: the
+  writers' c_out, the readers' c_in and, when the group empties a residual branch, the layers
+  that leave the network with it, so a step's per-group prices add up to what :meth:`total_ms`
+  predicts. ``two_sided=False`` is the paper's eq. 5-6 (writers only), kept for the ablation.
 """
 from __future__ import annotations
 
@@ -101,12 +103,12 @@ class CostModel:
     layer_unit: dict[str, str]
     conv_only: bool = False
     overhead: str = "anchors"
-    two_sided: bool = False
+    two_sided: bool = True
     knots: tuple = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
 
     @classmethod
     def create(cls, graph: ChannelGraph, table: LatencyTable, *, conv_only: bool = False,
-               overhead: str = "anchors", two_sided: bool = False, cout_mode: str = "ceil",
+               overhead: str = "anchors", two_sided: bool = True, cout_mode: str = "ceil",
                strict: bool = True, calibration: dict | None = None) -> "CostModel":
         """Check that ``table`` belongs to ``graph`` and prepare interpolation.
 
@@ -178,20 +180,28 @@ class CostModel:
         n = int(widths.get(gid, g.width))
         hi = np.arange(n, 0, -chunk)
         lo = np.maximum(hi - chunk, 0)
-        io = self.graph.layer_widths(widths)
-        cost = np.zeros(len(hi))
-        for name in g.out_layers:
-            curve = self.curves[self.layer_unit[name]]
-            cin = io[name][0]
-            cost += curve.curve(cin, hi) - curve.curve(cin, lo)
         if self.two_sided:
-            for name in g.in_layers:
-                if self.graph.layers[name].depthwise:
-                    continue
+            local = {w: self._group_units_ms(gid, widths, int(w)) for w in {*hi.tolist(), *lo.tolist()}}
+            cost = np.array([local[h] - local[low] for h, low in zip(hi.tolist(), lo.tolist())])
+        else:  # the paper's pricing: the c_out of the layers that write the group
+            io = self.graph.layer_widths(widths)
+            cost = np.zeros(len(hi))
+            for name in g.out_layers:
                 curve = self.curves[self.layer_unit[name]]
-                cout = io[name][1]
-                cost += np.array([curve.at(h, cout) - curve.at(low, cout) for h, low in zip(hi, lo)])
+                cost += curve.curve(io[name][0], hi) - curve.curve(io[name][0], lo)
         return cost * apply_knots(*self.knots, self.units_ms(widths))[1]
+
+    def _group_units_ms(self, gid: str, widths: dict[str, int], n: int) -> float:
+        """Units' latency of the layers that group ``gid`` at width ``n`` can change (its writers
+        and readers, and those of a residual branch it may empty); the rest is constant."""
+        w = {**widths, gid: n}
+        g = self.graph.groups[gid]
+        layers = {*g.out_layers, *g.in_layers}
+        if g.residual_block is not None:  # what leaves with the branch when the group empties
+            layers |= removed_modules(self.graph, {**widths, gid: 0}) & set(self.graph.layers)
+        removed = removed_modules(self.graph, w) if n == 0 else set()
+        io = self.graph.layer_widths(w)
+        return sum(self.layer_ms(name, *io[name]) for name in layers if name not in removed)
 
 
 def match_layers(graph: ChannelGraph, table: LatencyTable) -> dict[str, str]:

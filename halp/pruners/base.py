@@ -61,6 +61,11 @@ class PruneConfig:
         return self.start + self.steps * self.interval
 
 
+def percent(fraction: float) -> str:
+    """``fraction`` as a percentage with three significant digits (0.001 -> '0.1%', 0.5 -> '50%')."""
+    return f"{fraction * 100:.3g}%"
+
+
 @dataclass(frozen=True)
 class PrunerContext:
     """What the driver of a run tells every pruner: the run's seed (methods that draw random
@@ -87,6 +92,11 @@ class StepLog:
     removed: int
     widths: dict[str, int] = field(default_factory=dict)
     resolves: int = 0
+    achieved: float | None = None  # predicted / target: how much of the step's budget is used
+
+    def __post_init__(self) -> None:
+        if self.achieved is None and self.target_ms > 0:
+            self.achieved = self.predicted_ms / self.target_ms
 
 
 Unit = tuple[str, torch.Tensor]  # (group id, channel indices removed together)
@@ -118,7 +128,11 @@ class Pruner:
         else:
             if chunk_sizes is None:
                 from ..latency.quality import chunk_sizes as derive
-                chunk_sizes = derive(graph, cost.table, cost=cost)
+                if getattr(cost, "table", None) is None:
+                    raise ValueError("chunk='auto' reads chunk sizes off a latency table, and this cost "
+                                     "model has none; give a chunk size or a table")
+                # a latency model prices the staircase itself; another resource reads the table's
+                chunk_sizes = derive(graph, cost.table, cost=cost if isinstance(cost, CostModel) else None)
             self.chunks = {g.id: int(chunk_sizes[g.id]) for g in self.groups}
         self.masks = ChannelMasks.full(graph)
         self.applier = MaskApplier(graph, self.masks)
@@ -130,9 +144,11 @@ class Pruner:
         self.log: list[StepLog] = []
         floor = self.floor_ms()
         if floor > self.final_target_ms:
+            unit = getattr(cost, "unit", "ms")
+            what = "latency" if unit == "ms" else getattr(cost, "resource", unit)
             raise ValueError(
-                f"latency target {config.target:.0%} of dense ({self.final_target_ms:.3f} ms "
-                f"predicted) is below the latency floor {floor:.3f} ms = {floor / self.dense_ms:.0%} of "
+                f"{what} target {percent(config.target)} of dense ({self.final_target_ms:.4g} {unit} "
+                f"predicted) is below the {what} floor {floor:.4g} {unit} = {percent(floor / self.dense_ms)} of "
                 f"dense (every prunable group at its minimum width); raise the target or lower min_width")
 
     # ------------------------------------------------------------------ budget and schedule

@@ -10,9 +10,11 @@ saliency since the last step, sorts each group's active channels by it, cuts the
 ``chunk`` channels counted from the least important (so widths stay on the latency table's grid),
 prices every chunk with the cost model at the current widths, and lets the solver keep, per group,
 a prefix of the importance order that fits the step's latency target
-``L_t = L_0^(1 - t/T) · L_T^(t/T)`` with ``L_T = target · L_0``. If the cost model (which
-prices groups at the current widths of the others) says the result is still above the target, the
-budget is tightened by the excess and the step re-solved. Pruned channels never return.
+``L_t = L_0^(1 - t/T) · L_T^(t/T)`` with ``L_T = target · L_0``. Chunk prices are exact for one
+group at a time, but groups interact (a reader's c_in is another group's width), so the budget
+handed to the solver is searched in both directions (bisection) until the cost model's total lands
+in ``[L_t·(1 − budget_tolerance), L_t]``, where the chunk grid allows: the step uses its budget
+instead of leaving it. Pruned channels never return.
 Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
@@ -35,13 +37,15 @@ __all__ = ["HalpConfig", "HalpPruner", "PruneConfig", "StepLog"]
 @dataclass
 class HalpConfig:
     """HALP's own knobs: ``solver`` (``exact`` knapsack or ``greedy``, the paper's ablation),
-    ``saliency`` (``taylor_bn``, the paper's; ``taylor_bn_sq``, ``l1``, ``l2``) and
-    ``max_resolve`` (how often a step may tighten its budget when cross-group effects push the
-    prediction over the target)."""
+    ``saliency`` (``taylor_bn``, the paper's; ``taylor_bn_sq``, ``l1``, ``l2``),
+    ``budget_tolerance`` (a step is done when its predicted latency is within this fraction below
+    its target) and ``max_resolve`` (the most extra solver calls a step makes searching its
+    budget)."""
 
     solver: str = "exact"
     saliency: str = "taylor_bn"
-    max_resolve: int = 8
+    max_resolve: int = 16
+    budget_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
         SaliencyKind(self.saliency)
@@ -49,6 +53,8 @@ class HalpConfig:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
         if self.max_resolve < 0:
             raise ValueError(f"max_resolve must be >= 0, got {self.max_resolve}")
+        if not 0 <= self.budget_tolerance < 1:
+            raise ValueError(f"budget_tolerance must be in [0, 1), got {self.budget_tolerance}")
 
 
 @register_pruner("halp", HalpConfig, label="HALP")
@@ -97,17 +103,17 @@ class HalpPruner(Pruner):
         target = self.target_ms(self.step + 1)
         items, order, items_cost = self._items(scores, widths)
         fixed = self.cost.total_ms(widths) - items_cost  # latency not decided by this step
-        budget = target - fixed
         keep = dict(self.masks)
         floor = sum(_cheapest(it) for it in items)  # every group at its minimum: the solver's floor
-        budget = max(budget, floor)  # an unreachable step target: go as low as allowed
-        resolves = 0
-        for resolves in range(self.hcfg.max_resolve + 1):
+        ceiling = items_cost  # every active channel kept
+        ok = target * (1 + 1e-9)
+        enough = target * (1 - self.hcfg.budget_tolerance)
+
+        def attempt(budget: float) -> _Attempt:
             try:
                 sol = self.solver.solve(items, budget)
             except InfeasibleTarget as e:  # our floor and the solver's differ in the last bits
-                budget = float(np.nextafter(e.floor, np.inf))
-                sol = self.solver.solve(items, budget)
+                sol = self.solver.solve(items, float(np.nextafter(e.floor, np.inf)))
             new_keep = dict(keep)
             for gid, k in sol.keep.items():
                 m = torch.zeros_like(keep[gid])
@@ -115,15 +121,106 @@ class HalpPruner(Pruner):
                     m[piece] = True
                 new_keep[gid] = m
             new_widths = {gid: int(m.sum()) for gid, m in new_keep.items()}
-            predicted = self.cost.total_ms(new_widths)
-            if predicted <= target * (1 + 1e-9) or budget <= floor:
-                break
-            # the per-group prices missed cross-group effects: tighten the budget by the excess
-            budget = max(floor, budget - (predicted - target))
-        removed = sum(int(keep[g].sum()) - w for g, w in new_widths.items())
-        self.set_masks(new_keep)
+            return _Attempt(self.cost.total_ms(new_widths), sol.value, new_keep, new_widths, dict(sol.keep))
+
+        # bisection on the solver's budget between one that fits the target and one that does not
+        budget = min(max(target - fixed, floor), ceiling)
+        fits: float | None = None
+        over: float | None = None
+        best: _Attempt | None = None     # the most valuable attempt within the target
+        lowest: _Attempt | None = None   # the fallback when the target cannot be reached
+        calls = 0
+        for calls in range(1, self.hcfg.max_resolve + 2):
+            a = attempt(budget)
+            if lowest is None or a.predicted < lowest.predicted:
+                lowest = a
+            if a.predicted <= ok:
+                if best is None or (a.value, a.predicted) > (best.value, best.predicted):
+                    best = a
+                fits = budget if fits is None else max(fits, budget)
+                if a.predicted >= enough or budget >= ceiling:
+                    break
+            else:
+                over = budget if over is None else min(over, budget)
+                if budget <= floor:
+                    break
+            if fits is not None and over is not None:
+                if over - fits <= 1e-3 * target:  # finer budgets than 0.1 % of the target buy nothing
+                    break
+                budget = 0.5 * (fits + over)
+            elif fits is not None:  # spend the budget left: grow by the gap to the target
+                budget = min(ceiling, budget + max(target - a.predicted, 1e-6 * target))
+            else:  # cross-group effects pushed the prediction over: tighten by the excess, then faster
+                budget = max(floor, budget - (a.predicted - target) * 2 ** (calls - 1))
+        chosen = best if best is not None else self._trim(lowest, items, order, ok)
+        if chosen.predicted <= ok and chosen.predicted < enough:
+            chosen = self._fill(chosen, items, order, ok)
+        removed = sum(int(keep[g].sum()) - w for g, w in chosen.widths.items())
+        self.set_masks(chosen.keep)
         self.saliency.reset()
-        return self.record(target, predicted, removed, resolves)
+        return self.record(target, chosen.predicted, removed, calls - 1)
+
+    def _fill(self, a: _Attempt, items: list[GroupItems], order: dict[str, list[torch.Tensor]],
+              limit: float) -> _Attempt:
+        """Spend what the solver's discrete budget left: give back, one at a time, the removed chunk
+        with the most importance per predicted millisecond that still keeps the total within
+        ``limit`` (each group's kept chunks stay a prefix of its importance order)."""
+        values = {it.id: it.values for it in items}
+        keep, widths, kept = dict(a.keep), dict(a.widths), dict(a.kept)
+        predicted, value = a.predicted, a.value
+        while True:
+            pick = None
+            for gid, k in kept.items():
+                if k >= len(order[gid]):
+                    continue
+                w = {**widths, gid: widths[gid] + len(order[gid][k])}
+                total = self.cost.total_ms(w)
+                if total > limit:
+                    continue
+                gain = float(values[gid][k]) / max(total - predicted, 1e-12)
+                if pick is None or gain > pick[0]:
+                    pick = (gain, gid, total)
+            if pick is None:
+                break
+            _, gid, predicted = pick
+            piece = order[gid][kept[gid]]
+            m = keep[gid].clone()
+            m[piece] = True
+            keep[gid] = m
+            widths[gid] += len(piece)
+            value += float(values[gid][kept[gid]])
+            kept[gid] += 1
+        return _Attempt(predicted, value, keep, widths, kept)
+
+    def _trim(self, a: _Attempt, items: list[GroupItems], order: dict[str, list[torch.Tensor]],
+              limit: float) -> _Attempt:
+        """Bring an attempt over ``limit`` under it: remove, one at a time, the kept chunk with the
+        least importance per predicted millisecond saved (from the end of a group's prefix, never
+        below its minimum), until the total fits or nothing more may go."""
+        values = {it.id: it.values for it in items}
+        mins = {it.id: it.min_keep for it in items}
+        keep, widths, kept = dict(a.keep), dict(a.widths), dict(a.kept)
+        predicted, value = a.predicted, a.value
+        while predicted > limit:
+            pick = None
+            for gid, k in kept.items():
+                if k <= mins[gid]:
+                    continue
+                total = self.cost.total_ms({**widths, gid: widths[gid] - len(order[gid][k - 1])})
+                loss = float(values[gid][k - 1]) / max(predicted - total, 1e-12)
+                if pick is None or loss < pick[0]:
+                    pick = (loss, gid, total)
+            if pick is None:
+                break
+            _, gid, predicted = pick
+            piece = order[gid][kept[gid] - 1]
+            m = keep[gid].clone()
+            m[piece] = False
+            keep[gid] = m
+            widths[gid] -= len(piece)
+            kept[gid] -= 1
+            value -= float(values[gid][kept[gid]])
+        return _Attempt(predicted, value, keep, widths, kept)
 
     # ------------------------------------------------------------------ checkpoint
     def config_state(self) -> dict:
@@ -134,6 +231,16 @@ class HalpPruner(Pruner):
 
     def load_extra_state(self, state: dict) -> None:
         self.saliency.load_state_dict(state["saliency"])
+
+
+@dataclass
+class _Attempt:
+    """One solve of a step: predicted total, kept importance, masks and widths."""
+    predicted: float
+    value: float
+    keep: dict[str, torch.Tensor]
+    widths: dict[str, int]
+    kept: dict[str, int]  # chunks kept per group (a prefix of its importance order)
 
 
 def _cheapest(items: GroupItems) -> float:
