@@ -84,17 +84,20 @@ def test_exact_matches_milp_on_the_discretised_instance(seed, monkeypatch):
         for mode in (None, 0, 10**9):  # auto, always per option, always dense
             if mode is not None:
                 monkeypatch.setattr(S, "_DENSE_PER_OPTION", mode)
-            sol = ExactSolver(resolution).solve(groups, budget)
+            sol = ExactSolver(resolution, polish=False).solve(groups, budget)  # the DP alone
             check_selection(groups, sol, budget)
             assert int_cost(inst, sol) <= inst.capacity
             assert sol.value == pytest.approx(best, rel=TOL, abs=1e-15), (seed, trial, mode)
         monkeypatch.undo()
         greedy = GreedySolver().solve(groups, budget)
         check_selection(groups, greedy, budget)
-        # exact is optimal over the discretised-feasible selections; greedy works on true costs,
+        # the DP is optimal over the discretised-feasible selections; greedy works on true costs,
         # so it can only win with a selection the rounded-up integer costs rule out
         if greedy.value > sol.value + TOL * max(1.0, sol.value):
             assert int_cost(inst, greedy) > inst.capacity
+        polished = ExactSolver(resolution).solve(groups, budget)  # the default: never below either
+        check_selection(groups, polished, budget)
+        assert polished.value >= max(sol.value, greedy.value)
 
 
 def test_exact_matches_brute_force():
@@ -116,12 +119,16 @@ def test_exact_matches_brute_force():
                 true_best = max(true_best, value)
             if cost <= shrunk:
                 shrunk_best = max(shrunk_best, value)
-        sol = ExactSolver(resolution).solve(groups, budget)
+        sol = ExactSolver(resolution, polish=False).solve(groups, budget)  # the DP alone
         check_selection(groups, sol, budget)
         assert sol.value == pytest.approx(disc_best, rel=TOL, abs=1e-15)
         assert sol.value <= true_best * (1 + TOL) + 1e-15
         assert sol.value >= shrunk_best * (1 - TOL) - 1e-15
-        assert GreedySolver().solve(groups, budget).value <= true_best * (1 + TOL) + 1e-15
+        greedy = GreedySolver().solve(groups, budget)
+        assert greedy.value <= true_best * (1 + TOL) + 1e-15
+        polished = ExactSolver(resolution).solve(groups, budget)
+        check_selection(groups, polished, budget)
+        assert max(sol.value, greedy.value) <= polished.value <= true_best * (1 + TOL) + 1e-15
 
 
 def test_infeasible_target_names_the_floor():
@@ -215,12 +222,15 @@ def test_medium_instance_against_milp_and_greedy():
     budget = 0.5 * sum(g.costs.sum() for g in groups)
     for resolution in (64, 512):
         inst = discretise(groups, budget, resolution)
-        sol = ExactSolver(resolution).solve(groups, budget)
+        sol = ExactSolver(resolution, polish=False).solve(groups, budget)
         check_selection(groups, sol, budget)
         assert sol.value == pytest.approx(milp_optimum(inst), rel=TOL)
+        polished = ExactSolver(resolution).solve(groups, budget)
+        check_selection(groups, polished, budget)
+        assert polished.value >= sol.value
     greedy = GreedySolver().solve(groups, budget)
     check_selection(groups, greedy, budget)
-    assert greedy.value <= sol.value * 1.01
+    assert greedy.value <= sol.value * 1.01 <= polished.value * 1.01
 
 
 def test_discretise_is_conservative_and_documented_shape():
@@ -264,3 +274,60 @@ def test_invalid_arguments():
     assert isinstance(get_solver("greedy"), GreedySolver)
     assert get_solver("exact", resolution=64).resolution == 64
     assert set(S.SOLVERS) == {"exact", "greedy"}
+
+
+def resnet50_sized_groups(rng: np.random.Generator, chunk: int = 32) -> list[GroupItems]:
+    """50-60 groups with ResNet-50's widths (64..2048 channels) in ``chunk``-channel chunks (2-64
+    per group); a group's latency spread over 0.05..3 ms, chunk costs +-80 % around it, about 5 %
+    negative (latency cliffs) and a few free; heavy-tailed importances, most important first."""
+    groups = []
+    for i in range(int(rng.integers(50, 61))):
+        n = int(rng.choice([64, 128, 256, 512, 1024, 2048])) // chunk
+        scale = math.exp(rng.uniform(math.log(0.05), math.log(3.0))) / n
+        costs = rng.uniform(0.2, 1.8, n) * scale
+        cliff = rng.random(n) < 0.05
+        costs[cliff] = -rng.uniform(0.1, 1.0, int(cliff.sum())) * scale
+        costs[rng.random(n) < 0.02] = 0.0
+        values = np.sort(rng.lognormal(0.0, 1.5, n * chunk) * 1e-3)[::-1].reshape(n, chunk).sum(axis=1)
+        groups.append(GroupItems(f"g{i}", values, costs, min_keep=int(rng.integers(0, 3))))
+    return groups
+
+
+def test_exact_never_loses_to_greedy_on_resnet50_sized_instances():
+    dp_lost = 0
+    for seed in range(12):
+        groups = resnet50_sized_groups(np.random.default_rng(seed))
+        assert all(2 <= len(g.values) <= 64 for g in groups)
+        full = math.fsum(float(g.costs.sum()) for g in groups)
+        for fraction in (0.3, 0.5, 0.7):
+            budget = fraction * full
+            exact = ExactSolver().solve(groups, budget)
+            greedy = GreedySolver().solve(groups, budget)
+            dp = ExactSolver(polish=False).solve(groups, budget)
+            for sol in (exact, greedy, dp):
+                check_selection(groups, sol, budget)
+            assert exact.cost <= budget
+            assert exact.value >= greedy.value * (1 - 1e-12), (seed, fraction)
+            assert exact.value >= dp.value
+            dp_lost += greedy.value > dp.value * (1 + 1e-12)
+    assert dp_lost > 0  # the instances do show the discretisation loss the polish repairs
+
+
+def test_polish_spends_the_budget_rounding_left():
+    # unit = 2/3 ms: each 1 ms chunk rounds up to 2 units, capacity 3 units: the DP keeps one chunk
+    dear = GroupItems("c", [0.5], [5.0], 0)  # never fits: the budget is not above every selection
+    groups = [GroupItems("a", [1.0], [1.0], 0), GroupItems("b", [2.0], [1.0], 0), dear]
+    assert ExactSolver(3, polish=False).solve(groups, 2.0).keep == {"a": 0, "b": 1, "c": 0}
+    assert ExactSolver(3).solve(groups, 2.0) == Solution({"a": 1, "b": 1, "c": 0}, 3.0, 2.0)
+    # an extension sees through a latency cliff (greedy does not): a's second chunk pays back most
+    # of its first, and b fits beside both
+    cliff = [GroupItems("a", [1.0, 1.0], [1.0, -0.9], 0), GroupItems("b", [2.0], [1.0], 0), dear]
+    assert ExactSolver(3, polish=False).solve(cliff, 1.1).keep == {"a": 2, "b": 0, "c": 0}
+    assert GreedySolver().solve(cliff, 1.1).keep == {"a": 0, "b": 1, "c": 0}
+    assert ExactSolver(3).solve(cliff, 1.1) == Solution({"a": 2, "b": 1, "c": 0}, 4.0, pytest.approx(1.1))
+    # a DP on a coarse axis that extending cannot save: greedy's selection is returned
+    groups = [GroupItems("a", [0.1, 0.7], [0.4, 0.6], 0), GroupItems("b", [1e-7], [1.1], 0),
+              GroupItems("c", [0.2], [2.5], 0)]
+    assert ExactSolver(3, polish=False).solve(groups, 3.5).keep == {"a": 2, "b": 1, "c": 0}
+    assert GreedySolver().solve(groups, 3.5).keep == {"a": 2, "b": 0, "c": 1}
+    assert ExactSolver(3).solve(groups, 3.5) == Solution({"a": 2, "b": 0, "c": 1}, 1.0, 3.5)
