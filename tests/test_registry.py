@@ -27,7 +27,7 @@ def test_create_pruner_builds_and_validates_settings():
     p = create_pruner("halp", graph, reference.cost, PruneConfig(target=0.5, chunk=4), {"solver": "greedy"})
     assert isinstance(p, HalpPruner) and p.hcfg == HalpConfig(solver="greedy") and p.method == "halp"
     assert p.chunks == reference.chunks and p.dense_ms == reference.dense_ms
-    with pytest.raises(ValueError, match="method 'halp' has no setting.* neurons; its settings are max_resolve"):
+    with pytest.raises(ValueError, match="method 'halp' has no setting.* neurons; its settings are budget_tolerance, max_resolve"):
         method_config("halp", {"neurons": 3})
     with pytest.raises(ValueError, match="unknown solver 'dp'"):
         method_config("halp", {"solver": "dp"})
@@ -106,9 +106,12 @@ def test_a_new_method_is_one_module_and_one_yaml(tmp_path):
     assert r["method"] == "toy" and r["config"]["method"] == {"name": "toy", "module": "halp_toy_method", "per_step": 6}
     assert r["pruned"]["predicted_ms"] <= r["pruned"]["target_predicted_ms"] * (1 + 1e-9)
     assert len(r["prune_log"]) == 3 and r["pruned"]["macs"] < r["dense"]["macs"]
-    widths = r["pruned"]["widths"]  # the toy removes the highest channel indices: masks keep a prefix
-    masks = json.loads((run / "masks.json").read_text())
-    assert masks["model"] == "halp:resnet20" and any(w < 8 for w in widths.values())
+    # the toy's criterion removes the highest channel indices first: every group keeps a prefix
+    masks = json.loads((run / "masks.json").read_text())["groups"]
+    cut = {gid: g for gid, g in masks.items() if g["kept"] < g["width"]}
+    assert cut and all(g["kept"] == r["pruned"]["widths"][gid] for gid, g in masks.items())
+    for g in cut.values():
+        assert g["pruned"] == (f"{g['kept']}-{g['width'] - 1}" if g["kept"] < g["width"] - 1 else str(g["kept"]))
     log = (run / "run.log").read_text()  # the run's story is in Hydra's job log
     assert "Toy: pruning to 60% of" in log and "step 3: target" in log and "measured / target" in log
 
