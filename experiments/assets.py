@@ -1,5 +1,7 @@
-"""What jobs share: the trained dense model and the device's latency table, built once per key
-under a file lock (so two jobs of a sweep never write the same file; the second waits and reuses)."""
+"""What jobs share: the trained dense model, the device's latency table and the table's end-to-end
+anchors, each made once per key under a file lock (so two jobs of a sweep never write the same file;
+the second waits and reuses), so that every job of a sweep prices channels, and so sets its budget in
+ms, with the same anchors."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +17,7 @@ import torch
 from halp.evaluation import evaluate
 from halp.fileio import atomic_write, atomic_write_text, file_lock
 from halp.graph import ChannelGraph
-from halp.latency.backends import get_backend
+from halp.latency.backends import Setting, get_backend
 from halp.latency.build import build_table, plan_build
 from halp.latency.calibration import recalibrate
 from halp.latency.table import LatencyTable
@@ -27,6 +29,7 @@ from .distributed import SINGLE, DistEnv, barrier, broadcast
 from .engine import Trainer
 
 log = logging.getLogger(__name__)
+ANCHORS_FORMAT = "halp-latency-anchors"
 
 
 @dataclass
@@ -41,9 +44,11 @@ class JobData:
 class TableInfo:
     table: LatencyTable
     path: Path
-    seconds: float  # building it, or re-measuring its anchors
+    seconds: float  # building it, or measuring its anchors
     reused: bool
     id: str         # content hash of the table file
+    anchor_id: str  # content hash of the anchors it prices with (table.calibration)
+    anchors_measured: bool = False  # by this job (else read from the cache or the run's pinned file)
 
 
 def key_of(*parts: object) -> str:
@@ -103,12 +108,15 @@ def table_path(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> Path:
 
 def latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path, de: DistEnv = SINGLE,
                   pinned: Path | None = None) -> TableInfo:
-    """Build the table for this model and setting, or reuse it (then re-measure its anchors).
+    """Build the table for this model and setting, or reuse it, with its end-to-end anchors.
     Only rank 0 measures; the other ranks receive the table.
 
+    The anchors are measured once per (table, setting) and kept in the cache
+    (:func:`anchors_path`), so every job of a sweep prices with the same ones;
+    ``latency.remeasure_anchors`` measures them again (and replaces the kept ones).
     ``pinned`` (a run's own file, written by :func:`pin_anchors`): when the run is resumed, its
-    anchors are read back instead of re-measured, so that the resumed run prices channels exactly
-    as before the interruption and makes the same pruning decisions."""
+    anchors are read back instead, so that the resumed run prices channels exactly as before the
+    interruption and makes the same pruning decisions."""
     info = _latency_table(cfg, graph, cache, pinned) if de.is_main else None
     return broadcast(de, info)
 
@@ -117,7 +125,8 @@ def _latency_table(cfg: JobConfig, graph: ChannelGraph, cache: Path, pinned: Pat
     info = _load_or_build(cfg, graph, cache, pinned is not None and pinned.exists())
     if pinned is not None and pinned.exists():
         info.table.calibration = json.loads(pinned.read_text())
-        log.info(f"using the anchors this run measured before it was interrupted ({pinned.name})")
+        info.anchor_id = anchor_id(info.table.calibration)
+        log.info(f"using the anchors {info.anchor_id} this run measured before it was interrupted ({pinned.name})")
     return info
 
 
@@ -127,28 +136,82 @@ def pin_anchors(info: TableInfo, pinned: Path) -> None:
         atomic_write_text(pinned, json.dumps(info.table.calibration, indent=1) + "\n")
 
 
+def anchor_id(calibration: dict | None) -> str:
+    """Content hash of a set of anchors (the same wherever they were read from)."""
+    return key_of(calibration)
+
+
+def anchors_path(cfg: JobConfig, graph: ChannelGraph, cache: Path, table: Path, table_id: str) -> Path:
+    """Where the anchors of ``table`` (file content ``table_id``) in this job's setting are kept:
+    ``anchors/`` in the cache, beside ``luts/`` (a table given by path may lie where jobs cannot write)."""
+    setting = cfg.latency.setting()
+    out = [graph.layers[n].out_channels for n in graph.output_layers]
+    key = key_of(table_id, {**setting.__dict__}, list(graph.input_shape), out)
+    return cache / "anchors" / f"{table.stem}.anchors-{key}.json"
+
+
 def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchors: bool) -> TableInfo:
     setting = cfg.latency.setting()
     backend = get_backend(setting)
-    path = Path(cfg.latency.table) if cfg.latency.table else table_path(cfg, graph, cache)
+    given = bool(cfg.latency.table)
+    path = Path(cfg.latency.table) if given else table_path(cfg, graph, cache)
     with ExitStack() as stack:
-        if not cfg.latency.table:
-            _lock(stack, SINGLE, path, "building the latency table")
-        if not path.exists() and not cfg.latency.table:
+        if not given:  # the anchors too are measured under this lock: once, by the job that holds it
+            _lock(stack, SINGLE, path, "building the latency table and its anchors")
+        if not path.exists() and not given:
             log.info(f"building the latency table {path}")
             t0 = time.perf_counter()
             plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step)
             table = build_table(plan, path, Protocol(rounds=cfg.latency.rounds), progress=cfg.progress)
-            return TableInfo(table, path, time.perf_counter() - t0, False, _file_id(path))
+            tid = _file_id(path)
+            _store_anchors(anchors_path(cfg, graph, cache, path, tid), table.calibration, tid, setting)
+            return TableInfo(table, path, time.perf_counter() - t0, False, tid, anchor_id(table.calibration), True)
         table = LatencyTable.load(path)
+        rebuild = "rebuild it here with `halp lut build`" if given else f"delete {path} so that the job rebuilds it"
         table.check_setting({**setting.__dict__, "memory_format": setting.memory_format}, backend.device()["name"],
-                            allow_mismatch=cfg.latency.allow_mismatch)
-        if skip_anchors:
-            return TableInfo(table, path, 0.0, True, _file_id(path))
-        log.info(f"latency table reused from {path}; re-measuring its end-to-end anchors")
+                            allow_mismatch=cfg.latency.allow_mismatch, override="latency.allow_mismatch=true",
+                            rebuild=rebuild)
+        tid = _file_id(path)
+        if skip_anchors:  # the caller reads the run's pinned anchors
+            return TableInfo(table, path, 0.0, True, tid, anchor_id(table.calibration))
+        apath = anchors_path(cfg, graph, cache, path, tid)
+        if given:
+            _lock(stack, SINGLE, apath, "measuring the latency table's anchors")
+        remeasure = bool(getattr(cfg.latency, "remeasure_anchors", False))
+        kept = None if remeasure else _read_anchors(apath, tid)
+        if kept is not None:
+            table.calibration = kept
+            log.info(f"latency table reused from {path}, with the anchors {anchor_id(kept)} of {apath.name}")
+            return TableInfo(table, path, 0.0, True, tid, anchor_id(kept))
+        log.info(f"latency table reused from {path}; " + ("re-measuring its end-to-end anchors (remeasure_anchors)"
+                                                          if remeasure else "measuring its end-to-end anchors"))
         t0 = time.perf_counter()
-        table.calibration = recalibrate(graph, table, setting)  # timings drift between runs
-        return TableInfo(table, path, time.perf_counter() - t0, True, _file_id(path))
+        table.calibration = recalibrate(graph, table, setting)
+        _store_anchors(apath, table.calibration, tid, setting)
+        return TableInfo(table, path, time.perf_counter() - t0, True, tid, anchor_id(table.calibration), True)
+
+
+def _store_anchors(path: Path, calibration: dict | None, table_id: str, setting: Setting) -> None:
+    blob = {"format": ANCHORS_FORMAT, "table": table_id, "setting": {**setting.__dict__},
+            "anchor_id": anchor_id(calibration), "calibration": calibration}
+    atomic_write_text(path, json.dumps(blob, indent=1) + "\n")
+
+
+def _read_anchors(path: Path, table_id: str) -> dict | None:
+    """The kept anchors of the table ``table_id``, or None (missing, foreign or corrupt: measure again)."""
+    if not path.exists():
+        return None
+    try:
+        blob = json.loads(path.read_text())
+        if blob.get("format") != ANCHORS_FORMAT or blob.get("table") != table_id:
+            raise ValueError("not the anchors of this table")
+        cal = blob["calibration"]
+        if not isinstance(cal, dict) or not isinstance(cal.get("anchors"), list):
+            raise ValueError("no anchors in it")
+        return cal
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning(f"ignoring the kept anchors {path} ({e}); measuring them again")
+        return None
 
 
 def measure_latency(cfg: JobConfig, models: list[torch.nn.Module], shape: tuple[int, ...]) -> list:

@@ -180,6 +180,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
         "target_ratio": ratio, "git_commit": git_commit(), "world_size": de.world,
         "config": asdict(cfg), "lut": {"id": lut.id, "path": str(lut.path), "created": lut.table.meta.get("created"),
                                        "reused": lut.reused, "anchors": lut.table.calibration["anchors"],
+                                       "anchor_id": lut.anchor_id, "anchors_measured": lut.anchors_measured,
                                        "setting": lut.table.meta.get("setting"), "device": lut.table.meta.get("device")},
         "dense": {"top1": dense_metrics["top1"], "top5": dense_metrics["top5"],
                   "checkpoint": dense_metrics["checkpoint"], "reused": dense_metrics["reused"],

@@ -195,6 +195,26 @@ def check_groups(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def check_anchors(df: pd.DataFrame) -> list[str]:
+    """Warnings about model/dataset sections whose jobs were priced with different latency-table
+    anchors (``lut.anchor_id``): their budgets in ms differ. Records without the id are not counted."""
+    if "lut.anchor_id" not in df:
+        return []
+    out = []
+    for (model, dataset), grp in df.groupby(["model", "dataset"], sort=True):
+        ids = grp["lut.anchor_id"].dropna().astype(str)
+        ids = ids[ids != ""]
+        if ids.nunique() < 2:
+            continue
+        parts = []
+        for aid in sorted(ids.unique()):
+            runs = sorted(grp.loc[ids.index[ids == aid], "run"])
+            parts.append(f"{aid} ({', '.join(runs[:4])}{f' and {len(runs) - 4} more' if len(runs) > 4 else ''})")
+        out.append(f"{model}/{dataset} mixes jobs priced with different latency anchors, so with different "
+                   f"budgets in ms: anchors {'; '.join(parts)}")
+    return out
+
+
 def _fmt(mean: float, ci: float, digits: int) -> str:
     if not np.isfinite(mean):
         return "–"
@@ -319,7 +339,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
     """Collect the records under ``runs_dir`` and write tables (``formats``: md, csv) and figures.
 
     ``out_dir`` defaults to ``runs_dir/report``; ``reference`` to the repo's paper_numbers.csv.
-    Warnings (skipped records, mixed groups) go to ``warn`` (default: stderr) and the summary.
+    Warnings (skipped records, mixed groups, mixed anchors) go to ``warn`` (default: stderr) and the summary.
     """
     summary_warnings: list[str] = []
 
@@ -330,7 +350,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
     df, skipped = load_records(runs_dir, _warn)
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for msg in check_groups(df):
+    for msg in check_groups(df) + check_anchors(df):
         _warn(msg)
     agg = aggregate(df)
     table_md = results_markdown(df, agg)

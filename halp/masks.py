@@ -54,8 +54,9 @@ def _parse_ranges(text: str, width: int, where: str) -> list[int]:
 class ChannelMasks(Mapping[str, torch.Tensor]):
     """Keep-masks by group id. ``masks[gid]`` is a bool tensor of the group's full width."""
 
-    def __init__(self, keep: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, keep: Mapping[str, torch.Tensor], model: str | None = None) -> None:
         self._keep = {k: torch.as_tensor(v, dtype=torch.bool).clone() for k, v in keep.items()}
+        self.model = model  # the model they were made for, where known (a mask file's "model")
 
     # Mapping protocol
     def __getitem__(self, gid: str) -> torch.Tensor:
@@ -133,25 +134,43 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
     def pruned(self, gid: str) -> list[int]:
         return torch.nonzero(~self._keep[gid]).flatten().tolist()
 
-    def validate(self, graph: ChannelGraph) -> None:
-        """Raise ``ValueError`` unless these masks fit ``graph`` (ids, widths, empty groups)."""
+    def validate(self, graph: ChannelGraph, exact: bool = False) -> None:
+        """Raise ``ValueError`` unless these masks fit ``graph`` (ids, widths, empty groups).
+        With ``exact``, they must also name every group of ``graph`` (a mask set for a whole model)."""
+        whose = f" (masks for {self.model})" if self.model else " (masks from another model?)"
         unknown = sorted(set(self._keep) - set(graph.groups))
         if unknown:
             raise ValueError(f"masks name groups the model does not have: {unknown[:5]}"
-                             f"{' ...' if len(unknown) > 5 else ''} (masks from another model?)")
+                             f"{' ...' if len(unknown) > 5 else ''}{whose}")
+        missing = [gid for gid in graph.groups if gid not in self._keep] if exact else []
+        if missing:
+            raise ValueError(f"masks lack {len(missing)} group(s) the model has: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}{whose}")
         for gid, m in self._keep.items():
             g = graph.groups[gid]
             if m.numel() != g.width:
-                raise ValueError(f"group {gid}: mask has {m.numel()} channels, model has {g.width}")
+                raise ValueError(f"group {gid}: mask has {m.numel()} channels, model has {g.width}"
+                                 + (whose if exact else ""))
             if not bool(m.any()) and not g.can_vanish:
                 raise ValueError(f"group {gid} would keep no channel; only groups inside a residual "
                                  "branch may be pruned to zero")
             if not g.prunable and not bool(m.all()):
                 raise ValueError(f"group {gid} cannot be pruned: {', '.join(g.unsupported)}")
 
+    def check_model(self, graph: ChannelGraph, model_name: str) -> None:
+        """Raise ``ValueError`` unless these masks were made for ``model_name`` (where their file
+        names a model; ``resnet20`` is ``halp:resnet20``) and match ``graph``'s groups exactly."""
+        def canon(name: str) -> str:
+            return name if ":" in name else f"halp:{name}"
+        if self.model and canon(self.model) != canon(model_name):
+            raise ValueError(f"these masks belong to {self.model}, not {model_name}: "
+                             f"use them with {self.model}")
+        self.validate(graph, exact=True)
+
     # ------------------------------------------------------------------ files
     def to_dict(self, model_name: str | None = None) -> dict:
-        return {"format": MASK_FORMAT, "version": MASK_VERSION, "model": model_name,
+        """``model_name`` defaults to the model these masks were loaded for."""
+        return {"format": MASK_FORMAT, "version": MASK_VERSION, "model": model_name or self.model,
                 "groups": {gid: {"width": int(m.numel()), "kept": int(m.sum()),
                                  "pruned": _ranges(self.pruned(gid))}
                            for gid, m in self._keep.items()}}
@@ -170,7 +189,8 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
             if "kept" in g and int(m.sum()) != int(g["kept"]):
                 raise ValueError(f"group {gid}: 'kept'={g['kept']} disagrees with 'pruned'")
             keep[gid] = m
-        return cls(keep)
+        model = data.get("model")
+        return cls(keep, model=str(model) if model else None)
 
     def save(self, path: str | os.PathLike, model_name: str | None = None) -> Path:
         """Write atomically (temp file + rename): a crash never leaves half a mask file."""

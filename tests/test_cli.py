@@ -62,6 +62,14 @@ def test_slim_command_and_foreign_or_corrupt_masks(tmp_path, capsys):
     ChannelMasks.full(other).save(tmp_path / "other.json")
     assert main(["slim", "halp:resnet20", "--masks", str(tmp_path / "other.json"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "does not have" in capsys.readouterr().err
+    # the masks of a ResNet-20 run on ResNet-56: its groups include ResNet-20's, but the masks are not its own
+    ChannelMasks.load(tmp_path / "m.json").save(tmp_path / "rn20.json", model_name="halp:resnet20")
+    assert main(["slim", "halp:resnet56", "--masks", str(tmp_path / "rn20.json"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "these masks belong to halp:resnet20, not halp:resnet56" in capsys.readouterr().err
+    ChannelMasks.load(tmp_path / "m.json").save(tmp_path / "anon.json")  # no model named: groups must match
+    assert main(["slim", "halp:resnet56", "--masks", str(tmp_path / "anon.json"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "masks lack 18 group(s) the model has" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
     # a corrupt one
     (tmp_path / "bad.json").write_text('{"format": "halp-channel-masks", "version": 1, "groups": {"conv1": 3')
     assert main(["slim", "halp:resnet20", "--masks", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.pt")]) == 2

@@ -101,7 +101,7 @@ def lin(spec: UnitSpec, ci: int, co: int) -> float:
 
 def test_total_and_chunk_costs_by_hand(graph):
     table = synthetic_table(graph, lin)
-    cm = CostModel.create(graph, table, overhead="none")
+    cm = CostModel.create(graph, table, overhead="none", two_sided=False)  # the paper's writers-only prices
     widths = {gid: g.width for gid, g in graph.groups.items()}
     widths["layer2.1.conv1"] = 8
     io = graph.layer_widths(widths)
@@ -141,12 +141,12 @@ def test_total_and_chunk_costs_by_hand(graph):
     assert off.total_ms(widths) == pytest.approx(cm.total_ms(widths) + 100.0 - dense)
     sc = CostModel.create(graph, table, overhead="scale")
     assert sc.total_ms(widths) == pytest.approx(cm.total_ms(widths) * 100.0 / dense)
-    aff = CostModel.create(graph, table, overhead="affine")
+    aff = CostModel.create(graph, table, overhead="affine", two_sided=False)
     assert aff.total_ms(full) == pytest.approx(100.0) and aff.total_ms(small_w) == pytest.approx(30.0)
     b = 70.0 / (dense - small)
     assert aff.total_ms(widths) == pytest.approx(100.0 + b * (cm.total_ms(widths) - dense))
     np.testing.assert_allclose(aff.chunk_costs(gid, widths, 4), b * costs)
-    anc = CostModel.create(graph, table, overhead="anchors")
+    anc = CostModel.create(graph, table, overhead="anchors", two_sided=False)
     assert [anc.total_ms(w) for w in (full, half_w, small_w)] == pytest.approx([100.0, 50.0, 30.0])
     u = cm.total_ms(widths)
     lo, hi = ((small, 30.0), (half, 50.0)) if u <= half else ((half, 50.0), (dense, 100.0))
@@ -386,3 +386,20 @@ def test_anchor_map_falls_back_to_scale_when_anchors_contradict_themselves():
     assert xs.tolist() == [0.0, 1.70] and ys.tolist() == [0.0, 1.93]
     value, slope = apply_knots(xs, ys, 0.85)
     assert value == pytest.approx(1.93 / 2) and slope == pytest.approx(1.93 / 1.70)
+
+
+def test_table_from_another_torch_is_refused_and_each_interface_names_its_switch(graph, fake, tmp_path):
+    table = build_table(plan_build(graph, "halp:resnet20", fake, 8), tmp_path / "t.json", QUICK, progress=False)
+    assert table.meta["versions"]["torch"] == B.torch_version() == torch.__version__.split("+")[0]
+    setting, dev = dict(table.meta["setting"]), table.meta["device"]["name"]
+    table.meta["versions"] = {"torch": "1.0.0"}
+    with pytest.raises(ValueError, match=r"torch: table '1.0.0', now '[^']+'.*\(--allow-lut-mismatch\)"):
+        table.check_setting(setting, dev)  # the `halp lut` flag by default
+    with pytest.raises(ValueError, match=r"torch: table '1.0.0'.*\(latency.allow_mismatch=true\)") as e:
+        table.check_setting(setting, dev, override="latency.allow_mismatch=true", rebuild="delete it")
+    assert "--allow-lut-mismatch" not in str(e.value) and "; delete it, or override" in str(e.value)
+    assert table.check_setting(setting, dev, allow_mismatch=True) == [f"torch: table '1.0.0', now '{B.torch_version()}'"]
+    # a table from before tables recorded the torch version: unknown, so not refused, but said
+    del table.meta["versions"]
+    with pytest.warns(UserWarning, match="records no torch version"):
+        assert table.check_setting(setting, dev) == []

@@ -97,7 +97,26 @@ def test_file_round_trip_and_format(graph, tmp_path):
     gid = next(iter(graph.groups))
     assert data["groups"][gid]["kept"] == int(masks[gid].sum())
     assert ChannelMasks.load(path) == masks
+    assert ChannelMasks.load(path).model == data["model"] == "halp:resnet20" and masks.model is None
+    assert ChannelMasks.load(path).to_dict()["model"] == "halp:resnet20"  # kept when saved again
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_masks_must_be_of_the_same_model_exactly(graph, tmp_path):
+    """Masks of ResNet-20 name a subset of ResNet-56's groups with the same widths: fit, but foreign."""
+    mine = ChannelMasks.load(some_masks(graph).save(tmp_path / "m.json", model_name="halp:resnet20"))
+    mine.check_model(graph, "halp:resnet20")
+    mine.check_model(graph, "resnet20")  # a bare name is a halp: one
+    big = ChannelGraph.build(create_model("halp:resnet56", in_chans=1), (1, 28, 28))
+    mine.validate(big)  # a partial mask set fits...
+    with pytest.raises(ValueError, match="these masks belong to halp:resnet20, not halp:resnet56"):
+        mine.check_model(big, "halp:resnet56")  # ...but is not this model's
+    anonymous = ChannelMasks(dict(mine))  # a file without "model": the groups must match exactly
+    with pytest.raises(ValueError, match=r"masks lack 18 group\(s\) the model has: .*masks from another model"):
+        anonymous.check_model(big, "halp:resnet56")
+    narrow = ChannelGraph.build(create_model("halp:resnet20", in_chans=1, width=0.5), (1, 28, 28))
+    with pytest.raises(ValueError, match=r"mask has 16 channels, model has 8 \(masks for halp:resnet20\)"):
+        mine.check_model(narrow, "halp:resnet20")
 
 
 def test_ranges_text_is_exact():

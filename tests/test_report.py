@@ -229,3 +229,32 @@ def test_mixed_configs_and_repeated_seeds_are_flagged(tmp_path):
     assert any("2 records" in w and "seed 0" in w for w in summary.warnings)
     assert any("prune.steps" in w for w in summary.warnings)
     assert not any("seed" in w.split("differing in")[-1] for w in summary.warnings if "differing" in w)
+
+
+def test_sections_mixing_anchor_ids_are_flagged(tmp_path):
+    """Jobs priced with different anchors had different budgets in ms: the report says which."""
+    runs = tmp_path / "runs"
+    ids = {"halp-s0": "aaaa11112222", "taylor-s0": "aaaa11112222", "magnitude-s0": "bbbb33334444",
+           "halp-s1": None, "other-s0": "cccc55556666"}  # None: an older record without the field
+    for name, aid in ids.items():
+        method, seed = name.split("-s")
+        r = record("halp" if method == "other" else method, 0.5, int(seed),
+                   model="halp:resnet56" if method == "other" else "halp:resnet20")
+        if aid is not None:
+            r["lut"]["anchor_id"] = aid
+        (runs / name).mkdir(parents=True)
+        (runs / name / "result.json").write_text(json.dumps(r))
+    summary = build_report(runs, formats=("csv",), figures=False, warn=lambda m: None)
+    mixed = [w for w in summary.warnings if "different latency anchors" in w]
+    assert len(mixed) == 1, summary.warnings  # resnet56 has one id; the record without one is not counted
+    assert mixed[0].startswith("halp:resnet20/fashion_mnist")
+    assert "aaaa11112222 (halp-s0, taylor-s0)" in mixed[0] and "bbbb33334444 (magnitude-s0)" in mixed[0]
+    assert "halp-s1" not in mixed[0]
+    assert "lut.anchor_id" in pd.read_csv(tmp_path / "runs" / "report" / "runs.csv").columns
+    # records that all lack the id (written before it existed): no warning
+    for name in ids:
+        r = json.loads((runs / name / "result.json").read_text())
+        r["lut"].pop("anchor_id", None)
+        (runs / name / "result.json").write_text(json.dumps(r))
+    summary = build_report(runs, formats=("csv",), figures=False, warn=lambda m: None)
+    assert not [w for w in summary.warnings if "anchors" in w]

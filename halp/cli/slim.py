@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     model, shape = model_from_args(args)
     masks = ChannelMasks.load(args.masks)
     graph = ChannelGraph.build(model, shape)
-    masks.validate(graph)
+    masks.check_model(graph, args.model)  # masks of another model may fit a part of this one: refuse them
     masked, _ = masked_copy(graph, masks)
     slim = slim_model(graph, masks).eval()
     x = torch.randn(2, *shape)

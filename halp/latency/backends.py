@@ -77,6 +77,11 @@ def steady_allocator() -> bool:
         return False
 
 
+def torch_version() -> str:
+    """The running torch's version without the local build tag (``2.4.1``, not ``2.4.1+cpu``)."""
+    return torch.__version__.split("+")[0]
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -104,7 +109,7 @@ class Backend:
                 "logical_cpus": os.cpu_count()}
 
     def versions(self) -> dict:
-        return {"torch": torch.__version__.split("+")[0]}
+        return {"torch": torch_version()}
 
     def __enter__(self) -> "Backend":
         ok, why = self.available()

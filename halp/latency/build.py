@@ -73,7 +73,7 @@ def plan_build(graph: ChannelGraph, model_name: str, setting: Setting, step: int
 def _signature(plan: BuildPlan, backend: Backend, protocol: Protocol) -> dict:
     return {"model": plan.model_name, "input_shape": list(plan.graph.input_shape),
             "setting": {**plan.setting.__dict__, "memory_format": plan.setting.memory_format},
-            "device": backend.device()["name"], "steps": plan.steps,
+            "device": backend.device()["name"], "versions": backend.versions(), "steps": plan.steps,
             "shard": list(plan.shard) if plan.shard else None, "protocol": protocol.to_dict()}
 
 
@@ -87,8 +87,11 @@ def _read_partial(path: Path, signature: dict) -> dict[tuple[str, int, int], Ent
         header = json.loads(lines[0])
     except json.JSONDecodeError:
         raise ValueError(f"{path} is not a halp partial table; delete it to start over") from None
-    if header.get("signature") != signature:
-        theirs = header.get("signature", {})
+    theirs = header.get("signature") if isinstance(header, dict) else None
+    theirs = theirs if isinstance(theirs, dict) else {}
+    if "versions" not in theirs:  # started before builds recorded them: unknown
+        theirs = {**theirs, "versions": signature.get("versions")}
+    if theirs != signature:
         diff = sorted(k for k in set(theirs) | set(signature) if theirs.get(k) != signature.get(k))
         raise ValueError(f"{path} was started with other settings (differs in: {', '.join(diff)}); "
                          "use the same settings to resume, or delete it to start over")

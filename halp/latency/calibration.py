@@ -7,8 +7,9 @@ piecewise linear in the units' sum), or through the dense anchor alone (``offset
 one-measurement forms) or the dense and smallest ones (``affine``); that math lives in
 :mod:`.anchors`, this module only measures.
 
-Anchors take seconds to measure, so a job re-measures them when it starts (timings drift between
-runs by several per cent on our machines) instead of trusting the ones stored with the table.
+Anchors take seconds to measure and drift between runs by several per cent on our machines, so
+they are measured apart from the table (:func:`recalibrate`); the experiment suite measures them
+once per table and setting and prices every job of a sweep with the same ones (one budget).
 """
 from __future__ import annotations
 

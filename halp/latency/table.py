@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_text
+from .backends import torch_version
 from .units import UnitSpec
 
 LUT_FORMAT = "halp-latency-table"
@@ -104,18 +106,32 @@ class LatencyTable:
             raise ValueError(f"corrupt latency table {path}: {type(e).__name__}: {e}") from None
 
     # ------------------------------------------------------------------ validity
-    def check_setting(self, setting: dict, device_name: str, allow_mismatch: bool = False) -> list[str]:
-        """Differences between this table's setting and ``setting``; raises unless allowed."""
+    def check_setting(self, setting: dict, device_name: str, allow_mismatch: bool = False,
+                      override: str = "--allow-lut-mismatch", rebuild: str = "rebuild it here with `halp lut build`",
+                      versions: dict | None = None) -> list[str]:
+        """Differences between this table's setting and ``setting`` (and the device, and the torch
+        version: kernels change between releases); raises unless ``allow_mismatch``.
+
+        ``override`` names the switch that sets ``allow_mismatch`` in the caller's interface, and
+        ``rebuild`` how to get a valid table there, for the message. ``versions`` are the running
+        library versions (default: this torch). A table that records no torch version (built before
+        halp recorded it) is not refused for it; a warning says that it cannot be checked."""
         ours = self.meta.get("setting", {})
         diffs = [f"{k}: table {ours.get(k)!r}, now {setting.get(k)!r}"
                  for k in SETTING_FIELDS if ours.get(k) != setting.get(k)]
         dev = self.meta.get("device", {}).get("name")
         if dev != device_name:
             diffs.append(f"device: table {dev!r}, now {device_name!r}")
+        recorded = self.meta.get("versions") or {}
+        running = {"torch": torch_version()} if versions is None else versions
+        if "torch" in running and "torch" not in recorded:
+            warnings.warn(f"the latency table records no torch version (built before halp recorded it?): cannot "
+                          f"check that it was measured with this torch {running['torch']}", stacklevel=2)
+        diffs += [f"{k}: table {recorded[k]!r}, now {v!r}" for k, v in running.items()
+                  if k in recorded and recorded[k] != v]
         if diffs and not allow_mismatch:
             raise ValueError("latency table was measured in another setting (" + "; ".join(diffs) +
-                             "); rebuild it here with `halp lut build`, or override the check "
-                             "(--allow-lut-mismatch) if you know it transfers")
+                             f"); {rebuild}, or override the check ({override}) if you know it transfers")
         return diffs
 
     # ------------------------------------------------------------------ reference format
