@@ -1,32 +1,24 @@
 """EagleEye (Li et al., ECCV 2020): random search over per-layer widths with adaptive-BN scoring.
 
-Before fine-tuning, on the trained dense model:
-
-1. draw per-group prune ratios r_g = U(0, 1) · ``max_rate`` (``None`` = the rate at which half of
-   the draws land under the target, found by bisection), round each width to the unit grid, and
-   keep a candidate only if its resource (the cost model's latency by default, MACs with
-   ``resource="flops"``) lies in the window around the target (see ``window``). At aggressive
-   targets almost every such draw is rejected; ``sampler="auto"`` then switches to scaling each
-   draw's ratios by a common factor into the window (``sampler="scale"`` from the start;
-   ``"reject"`` keeps the paper's sampler only). A residual
-   branch may be drawn to zero channels when ``prune.allow_vanish`` is set, as for HALP;
-2. prune each candidate by L1 filter norm (``halp.saliency.filter_norms``), slim it, re-estimate
-   its BatchNorm statistics with ``calib_batches`` training minibatches forwarded in train mode
-   without gradients (adaptive BN), and score its top-1 on a held-out split of the training set;
-3. keep the best candidate's masks (and its re-estimated statistics), then fine-tune as usual.
-
-``window="below"`` (default) accepts [T·(1 − 2·tol), T], as wide as the paper's ±tol but never
-over the budget, so that every method in a comparison meets the same hard budget;
-``window="symmetric"`` is the paper's [T·(1 − tol), T·(1 + tol)]. Candidates are scored in
-``workers`` processes, each with its share of the threads; the scores do not depend on how many.
+Before fine-tuning, on the trained dense model: (1) draw per-group prune ratios r_g = U(0, 1) ·
+``max_rate`` (the paper's fixed per-model rate; ``"auto"`` bisects for the rate at which half of the
+draws land under the target), round each width to the unit grid, and keep a candidate only if its
+resource (the cost model's latency by default, MACs with ``resource="flops"``) lies in the window
+around the target: the paper's ±``tolerance`` (``window="symmetric"``), or ``window="below"``,
+[T·(1 − 2·tol), T], as wide but never over the budget. At aggressive targets almost every such draw
+is rejected; ``sampler="auto"`` then switches to scaling each draw's ratios by a common factor into
+the window (``"scale"`` from the start; ``"reject"`` keeps the paper's sampler only). A residual
+branch may be drawn to zero channels when ``prune.allow_vanish`` is set, as for HALP. (2) prune each
+candidate by L1 filter norm, apply its masks to the dense model, re-estimate its BatchNorm
+statistics (adaptive BN) and score its holdout top-1 (:mod:`baselines.eagleeye_scoring`). (3) keep
+the best candidate's masks and its re-estimated statistics, so that the model fine-tuned is the
+model scored. Method and variants: ``baselines/README.md``.
 """
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,7 +26,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from halp.counting import count
-from halp.evaluation import evaluate, fetch_batch, reseed_dataset
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
 from halp.masks import ChannelMasks
@@ -42,7 +33,16 @@ from halp.progress import progress_bar
 from halp.pruners import PruneConfig, Pruner, PrunerContext, StepLog, register_pruner
 from halp.pruners.base import check_chunk
 from halp.saliency import filter_norms
-from halp.slim import slim_model
+
+from .eagleeye_scoring import adaptive_bn, calibration_batches, load_norm_buffers, score_candidates
+
+__all__ = ["AUTO_RATE", "EagleEyeConfig", "EagleEyePruner", "acceptance_window", "adaptive_bn",
+           "calibration_batches"]
+
+AUTO_RATE = "auto"  # max_rate: bisect for the rate whose median draw hits the target (our variant)
+# The paper's fixed max rates (ResNet-50: 0.4 / 0.7 / 0.8 for -25 / -50 / -75 % FLOPs; MobileNetV1
+# at -50 %: 0.7). The default is the -50 % one; the paper presets pick theirs (README.md).
+PAPER_MAX_RATE = 0.7
 
 
 class Resource(str, Enum):
@@ -57,16 +57,16 @@ class Sampler(str, Enum):
 
 
 class Window(str, Enum):
-    BELOW = "below"
-    SYMMETRIC = "symmetric"
+    SYMMETRIC = "symmetric"  # the paper's [T(1 - tol), T(1 + tol)]
+    BELOW = "below"          # [T(1 - 2 tol), T]: never over the budget
 
 
 @dataclass
 class EagleEyeConfig:
     candidates: int = 50
-    max_rate: float | None = None   # None: bisect for the rate whose median draw hits the target
+    max_rate: float | str = PAPER_MAX_RATE  # in (0, 1], or "auto" (bisection; None is read as "auto")
     tolerance: float = 0.005
-    window: str = "below"
+    window: str = "symmetric"
     resource: str = "latency"
     holdout: int = 5000             # training samples (evaluation transforms) used to score candidates
     calib_batches: int = 100
@@ -86,8 +86,16 @@ class EagleEyeConfig:
             raise ValueError("eagleeye.candidates, holdout and batch_size must be >= 1 (calib_batches >= 0)")
         if not 0 < self.tolerance < 0.5:
             raise ValueError(f"eagleeye.tolerance must be in (0, 0.5), got {self.tolerance}")
-        if self.max_rate is not None and not 0 < self.max_rate <= 1:
-            raise ValueError(f"eagleeye.max_rate must be in (0, 1], got {self.max_rate}")
+        if self.max_rate is None:
+            self.max_rate = AUTO_RATE  # the old spelling of the bisection
+        if self.max_rate != AUTO_RATE:
+            try:
+                rate = float(self.max_rate)
+            except (TypeError, ValueError):
+                rate = -1.0
+            if not 0 < rate <= 1:
+                raise ValueError(f"eagleeye.max_rate must be a number in (0, 1] or 'auto', got {self.max_rate!r}")
+            self.max_rate = rate
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"eagleeye.workers must be >= 1, got {self.workers}")
         if self.start_method not in mp.get_all_start_methods():
@@ -100,68 +108,6 @@ def acceptance_window(target: float, tolerance: float, window: str | Window) -> 
     if Window(window) is Window.BELOW:
         return target * (1 - 2 * tolerance), target
     return target * (1 - tolerance), target * (1 + tolerance)
-
-
-@torch.no_grad()
-def adaptive_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Re-estimate every BatchNorm's running statistics from ``batches`` (train-mode forwards, no
-    gradients, an exact average over the batches); weights are untouched. Returns batches used."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    n = 0
-    for x in batches:
-        model(x)
-        n += 1
-    for m, mom in zip(norms, momenta):
-        m.momentum = mom
-    model.train(was_training)
-    return n
-
-
-def calibration_batches(train_set: Dataset, n: int, batch_size: int, seed: int) -> list[list[int]]:
-    """``n`` minibatches of training indices from a seeded permutation (reused for every candidate)."""
-    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
-    size = min(batch_size, len(train_set))
-    return [[perm[(i * size + j) % len(perm)] for j in range(size)] for i in range(n)]
-
-
-def _batches(train_set: Dataset, index_lists: list[list[int]], seed: int):
-    for b, idx in enumerate(index_lists):
-        reseed_dataset(train_set, seed * 100_003 + b)  # same augmentation for every candidate
-        yield fetch_batch(train_set, idx)[0]
-
-
-# ---------------------------------------------------------------------- candidate scoring (workers)
-_WORK: dict = {}
-
-
-def _init_worker(payload: bytes | dict, threads: int) -> None:
-    """Set up a scoring process. The payload comes as ``torch.save`` bytes: plain bytes travel to a
-    spawned process as they are (tensors pickled by multiprocessing would be shared through file
-    descriptors, which a pool's initializer cannot pass)."""
-    torch.set_num_threads(threads)
-    if isinstance(payload, bytes):
-        payload = torch.load(io.BytesIO(payload), weights_only=False)
-    _WORK.update(graph=ChannelGraph.build(payload["model"], payload["input_shape"]), **{
-        k: payload[k] for k in ("train", "holdout", "calib", "seed", "eval_batch")})
-
-
-def score_masks(masks: ChannelMasks) -> float:
-    """Holdout top-1 (%) of the slimmed candidate after adaptive BN (in a worker or in-process)."""
-    w = _WORK
-    slim = slim_model(w["graph"], masks)
-    adaptive_bn(slim, _batches(w["train"], w["calib"], w["seed"]))
-    reseed_dataset(w["holdout"], w["seed"])  # an augmenting holdout scores every candidate alike
-    return evaluate(slim, w["holdout"], w["eval_batch"])["top1"]
-
-
-def _score_keep(keep: dict[str, torch.Tensor]) -> float:
-    return score_masks(ChannelMasks(keep))
 
 
 @register_pruner("eagleeye", EagleEyeConfig, label="EagleEye")
@@ -240,7 +186,7 @@ class EagleEyePruner(Pruner):
         ``sampler="auto"`` starts with the paper's rejection sampling and switches to budget-scaled
         draws once its acceptance rate says ``max_draws`` would not find ``candidates`` (checked
         every ``CHECK`` draws): aggressive targets that uniform ratios almost never reach."""
-        rate = self.ecfg.max_rate if self.ecfg.max_rate is not None else self.auto_rate()
+        rate = self.auto_rate() if self.ecfg.max_rate == AUTO_RATE else float(self.ecfg.max_rate)
         mode = Sampler(self.ecfg.sampler)
         scaled = mode is Sampler.SCALE
         rng = np.random.default_rng(self.seed + 1)
@@ -274,34 +220,16 @@ class EagleEyePruner(Pruner):
         return ChannelMasks.top_k(self.graph, scores, {g.id: widths[g.id] for g in self.groups})
 
     def evaluate_candidates(self, masks: list[ChannelMasks], train_set: Dataset, holdout: Dataset,
-                            calib: list[list[int]], on_result: Callable | None = None) -> list[float]:
+                            calib: list[list[int]]) -> tuple[list[float], dict[str, torch.Tensor]]:
+        """Each candidate's holdout top-1 after adaptive BN, and the best one's BatchNorm buffers."""
         workers = min(self.ecfg.workers or self.threads, len(masks))
         payload = {"model": self.graph.model, "input_shape": self.graph.input_shape, "train": train_set,
                    "holdout": holdout, "calib": calib, "seed": self.seed, "eval_batch": 512}
-        keeps = [dict(m.items()) for m in masks]
         bar = progress_bar(total=len(masks), enabled=self.progress, desc="EagleEye candidates", leave=False)
-        out: list[float] = []
-        if workers <= 1:
-            saved = torch.get_num_threads()
-            _init_worker(payload, self.threads)
-            try:
-                for k in keeps:
-                    out.append(_score_keep(k))
-                    bar.update()
-            finally:
-                _WORK.clear()
-                torch.set_num_threads(saved)
-        else:
-            buf = io.BytesIO()
-            torch.save(payload, buf)
-            ctx = mp.get_context(self.ecfg.start_method)
-            with ctx.Pool(workers, initializer=_init_worker,
-                          initargs=(buf.getvalue(), max(1, self.threads // workers))) as pool:
-                for top1 in pool.imap(_score_keep, keeps):
-                    out.append(top1)
-                    bar.update()
-        bar.close()
-        return out
+        try:
+            return score_candidates(payload, masks, workers, self.threads, self.ecfg.start_method, bar.update)
+        finally:
+            bar.close()
 
     def setup(self, model: nn.Module, train_set: Dataset, holdout: Dataset | None = None) -> None:
         if self.done:
@@ -311,10 +239,10 @@ class EagleEyePruner(Pruner):
         widths, draws, rate, sampler = self.sample()
         masks = [self.candidate_masks(w) for w in widths]
         calib = calibration_batches(train_set, self.ecfg.calib_batches, self.ecfg.batch_size, self.seed)
-        scores = self.evaluate_candidates(masks, train_set, holdout, calib)
-        best = int(np.argmax(scores))  # first of equals
+        scores, buffers = self.evaluate_candidates(masks, train_set, holdout, calib)
+        best = int(np.argmax(scores))  # first of equals, like score_candidates
         self.set_masks(dict(masks[best].items()))
-        adaptive_bn(model, _batches(train_set, calib, self.seed))  # the masked model = the best slim one
+        load_norm_buffers(model, buffers)  # the masked model is now the one scored, statistics included
         self.applier.apply()
         self.search = {"draws": draws, "max_rate": rate, "sampler": sampler, "window": list(self.window), "best": best,
                        "candidates": [{"widths": {g.id: w[g.id] for g in self.groups}, "resource": self.measure(w),

@@ -1,12 +1,14 @@
 """Magnitude pruning (Li et al., ICLR 2017) to a latency budget.
 
-A channel's score is the L1 norm of its filter. For a coupled group the reference criterion is the
-first writing layer's filter (``reduce="first"``); ``reduce="sum"`` adds the norms over the group.
-Raw norms grow with a layer's fan-in, so by default each group's scores are divided by their mean
-before the global ranking (``normalize="none"`` ranks raw norms). Channels are removed, lowest score
-first, until the latency predicted by the cost model meets the target: once before fine-tuning
-(``schedule="one_shot"``), or along HALP's geometric schedule during training
-(``schedule="iterative"``, using ``prune.start/interval/steps``).
+The paper's criterion, which is the default: a channel's score is the L1 norm of its filter (for a
+coupled group, the first writing layer's, ``reduce="first"``), and all channels are ranked in one
+global order by that raw norm (``normalize="none"``). Channels are removed, lowest score first,
+until the latency predicted by the cost model meets the target: once before fine-tuning
+(``schedule="one_shot"``). Variants: ``reduce="sum"`` adds the norms over the group;
+``normalize="mean"`` divides each group's scores by their mean before the ranking (raw norms grow
+with a layer's fan-in, so this makes the ranking scale-free across layers); ``schedule="iterative"``
+prunes along HALP's geometric schedule during training (``prune.start/interval/steps``). Method
+and variants: ``baselines/README.md``.
 """
 from __future__ import annotations
 
@@ -30,14 +32,14 @@ class Schedule(str, Enum):
 
 
 class Normalize(str, Enum):
-    NONE = "none"
-    MEAN = "mean"  # divide a group's scores by their mean (scale-free across layers)
+    NONE = "none"  # the paper's: raw L1 norms in one global ranking
+    MEAN = "mean"  # variant: divide a group's scores by their mean (scale-free across layers)
 
 
 @dataclass
 class MagnitudeConfig:
-    reduce: str = "first"     # first | sum: which writing layers of a coupled group are scored
-    normalize: str = "mean"   # none | mean
+    reduce: str = "first"     # first (the paper's) | sum: which writing layers of a coupled group are scored
+    normalize: str = "none"   # none (the paper's) | mean
     schedule: str = "one_shot"
     chunk: int | str = 1      # channels removed together; "auto" = the latency staircase (like HALP)
 
@@ -50,7 +52,7 @@ class MagnitudeConfig:
 
 
 def magnitude_scores(graph: ChannelGraph, groups, reduce: str = "first",
-                     normalize: str = "mean") -> dict[str, torch.Tensor]:
+                     normalize: str = "none") -> dict[str, torch.Tensor]:
     """L1 filter norm per channel of each group, optionally divided by the group's mean."""
     out = {}
     for g in groups:

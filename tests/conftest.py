@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from halp.latency.backends import Setting
+from halp.latency.backends import Setting, torch_version
 from halp.latency.build import plan_build
 from halp.latency.table import Entry, LatencyTable
 from halp.latency.units import model_units
@@ -40,7 +40,7 @@ def synthetic_table(graph, f, step=4) -> LatencyTable:
     """A table whose entries are f(layer unit, c_in, c_out) on the full grid."""
     units = model_units(graph)
     plan = plan_build(graph, "t", Setting(), step)
-    t = LatencyTable(meta={"model": "t", "setting": {"batch": 1}},
+    t = LatencyTable(meta={"model": "t", "setting": {"batch": 1}, "versions": {"torch": torch_version()}},
                      layers={n: u.key for n, u in units.items()},
                      groups={gid: {"width": g.width, "step": plan.steps[gid]} for gid, g in graph.groups.items()},
                      calibration=None)
