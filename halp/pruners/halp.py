@@ -44,7 +44,7 @@ class HalpConfig:
 
     solver: str = "exact"
     saliency: str = "taylor_bn"
-    max_resolve: int = 16
+    max_resolve: int = 8
     budget_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
