@@ -177,7 +177,7 @@ def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchor
         apath = anchors_path(cfg, graph, cache, path, tid)
         if given:
             _lock(stack, SINGLE, apath, "measuring the latency table's anchors")
-        remeasure = bool(getattr(cfg.latency, "remeasure_anchors", False))
+        remeasure = cfg.latency.remeasure_anchors
         kept = None if remeasure else _read_anchors(apath, tid)
         if kept is not None:
             table.calibration = kept

@@ -111,7 +111,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     latency_cost = CostModel.create(graph, lut.table, **cfg.latency.cost_options())
     resource = cfg.latency.cost
     cost = latency_cost if resource == "latency" else MacsCost(graph, lut.table)
-    unit = getattr(cost, "unit", "ms")
+    unit = cost.unit
     pruner = make_pruner(cfg, graph, cost) if cfg.method_name != DENSE else None  # checks feasibility
     holdout = None
     if pruner is not None and pruner.holdout_size():  # training samples the dense model saw, as in EagleEye

@@ -3,9 +3,6 @@ reused by every later job of a sweep (so all price with the same budget), re-mea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from halp.latency.backends import cpu_name
 from halp.latency.table import LatencyTable
 from halp.models import create_model
 
-from toy_job import ROOT, toy_table
+from toy_job import run_together, toy_table
 
 SHAPE = (1, 12, 12)
 
@@ -41,12 +38,9 @@ print(json.dumps({"reused": info.reused, "id": info.id, "path": str(info.path), 
 
 
 def job(cache: Path, remeasure: bool = False, **lat) -> JobConfig:
-    cfg = JobConfig(model=ModelConfig("halp:resnet20", width=0.5),
-                    latency=LatencyConfig(**{"batch": 2, "step": 8, "rounds": 1, **lat}),
-                    cache_dir=str(cache), progress=False)
-    if remeasure:  # LatencyConfig.remeasure_anchors (read with getattr, so this works with or without the field)
-        cfg.latency.remeasure_anchors = True
-    return cfg
+    return JobConfig(model=ModelConfig("halp:resnet20", width=0.5),
+                     latency=LatencyConfig(**{"batch": 2, "step": 8, "rounds": 1, "remeasure_anchors": remeasure, **lat}),
+                     cache_dir=str(cache), progress=False)
 
 
 def graph() -> ChannelGraph:
@@ -55,11 +49,7 @@ def graph() -> ChannelGraph:
 
 def test_jobs_of_a_sweep_share_one_set_of_anchors(tmp_path):
     cache = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", LUT_SCRIPT, str(cache)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    outs = run_together(LUT_SCRIPT, str(cache))
     first, second = sorted((json.loads(o[0].strip().splitlines()[-1]) for o in outs), key=lambda i: i["reused"])
     # one built the table and measured the anchors; the other waited, and measured nothing
     assert (first["reused"], first["measured"]) == (False, True)

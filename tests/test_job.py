@@ -16,7 +16,7 @@ from experiments.data import DataConfig
 from experiments.engine import TrainConfig
 from halp.pruners import PruneConfig
 
-from toy_job import ROOT, halp_run, toy_table
+from toy_job import halp_run, run_together, toy_table
 
 
 def tiny(tmp_path: Path, measured: bool = False, **over) -> JobConfig:
@@ -126,11 +126,7 @@ print(json.dumps({"reused": info.reused, "id": info.id, "path": str(info.path)})
 
 def test_two_jobs_asking_for_the_same_table_build_it_once(tmp_path):
     cache = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", LUT_SCRIPT, str(cache)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    outs = run_together(LUT_SCRIPT, str(cache))
     infos = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert sorted(i["reused"] for i in infos) == [False, True]  # one built it, the other waited and reused it
     assert infos[0]["id"] == infos[1]["id"] and infos[0]["path"] == infos[1]["path"]

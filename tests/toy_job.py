@@ -67,6 +67,17 @@ def halp_run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 90
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_together(script: str, *args: str, n: int = 2, timeout: float = 600) -> list[tuple[str, str]]:
+    """Run ``python -c script ARGS`` in ``n`` processes at once (jobs of a sweep racing for the
+    same cache); asserts they all succeed and returns each one's (stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return outs
+
+
 def compose(*args: str):
     """The JobConfig ``halp-run ARGS`` would run (Hydra's compose API, in this process)."""
     from hydra import compose as _compose

@@ -97,6 +97,8 @@ class UnitCurve:
 class CostModel:
     """Latency predictions for ``graph`` from ``table``. Build with :meth:`create`."""
 
+    unit = "ms"            # what total_ms and chunk_costs are in (MacsCost: millions of MACs)
+    resource = "latency"   # the resource a budget on this cost model constrains
     graph: ChannelGraph
     table: LatencyTable
     curves: dict[str, UnitCurve]

@@ -144,8 +144,7 @@ class Pruner:
         self.log: list[StepLog] = []
         floor = self.floor_ms()
         if floor > self.final_target_ms:
-            unit = getattr(cost, "unit", "ms")
-            what = "latency" if unit == "ms" else getattr(cost, "resource", unit)
+            unit, what = cost.unit, cost.resource
             raise ValueError(
                 f"{what} target {percent(config.target)} of dense ({self.final_target_ms:.4g} {unit} "
                 f"predicted) is below the {what} floor {floor:.4g} {unit} = {percent(floor / self.dense_ms)} of "
