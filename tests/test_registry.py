@@ -117,16 +117,16 @@ def test_a_new_method_is_one_module_and_one_yaml(tmp_path):
 
 
 def test_records_from_before_the_registry_still_load():
-    """result.json files of the earlier layout (results/cpu/compare50) upgrade to today's config."""
+    """Configs of result.json files in the earlier layout upgrade to today's config. The fixtures are
+    the ``config`` blocks of results/cpu/compare50/*.result.json at commit 17fce40."""
     from omegaconf import OmegaConf
 
     from experiments.config import upgrade_record_config
 
-    root = TEST_CONF.parents[1] / "results" / "cpu" / "compare50"
-    records = {p.name.split(".")[0]: json.loads(p.read_text()) for p in sorted(root.glob("*.result.json"))}
-    assert set(records) == {"halp", "magnitude", "taylor", "eagleeye"}
-    for name, rec in records.items():
-        old = rec["config"]
+    root = TEST_CONF.parent / "data" / "configs_before_registry"
+    configs = {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
+    assert set(configs) == {"halp", "magnitude", "taylor", "eagleeye"}
+    for name, old in configs.items():
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), upgrade_record_config(old)))
         assert cfg.method_name == name and cfg.prune.target == old["prune"]["target"]
         if name == "halp":
