@@ -82,10 +82,32 @@ def test_steps_use_their_budget(target):
     assert log[-1].target_ms == pytest.approx(target * pruner.dense_ms)
 
 
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_coarse_chunks_still_spend_the_final_budget(target):
+    """8-channel chunks on a 16/32/64-wide ResNet-20, skewed importances: the knapsack's answer
+    alone often ends 3-7 % under the final budget (the chunk grid, emptied branches); the repair
+    passes and the lookahead bring every run within 2 %, and never over."""
+    graph, cost = graph_and_cost()
+    for seed in range(3):
+        pruner = HalpPruner(graph, cost, PruneConfig(target=target, steps=10, chunk=8, allow_vanish=True), HalpConfig())
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(pruner.cfg.steps):
+            pruner.saliency.sums = {g.id: torch.rand(g.width, generator=gen, dtype=torch.float64) ** 3
+                                    for g in pruner.groups}
+            pruner.saliency.count = 1
+            pruner.prune_step()
+        *middle, last = pruner.log
+        assert 0.98 <= last.achieved <= 1 + 1e-9, (seed, [round(e.achieved, 3) for e in pruner.log])
+        assert all(e.achieved <= 1 + 1e-9 or e.removed == 0 for e in middle)  # over its target only by waiting
+        assert cost.total_ms(pruner.widths()) == pytest.approx(last.predicted_ms)
+
+
 def test_greedy_solver_also_stays_within_budget():
     graph, cost = graph_and_cost()
     pruner = HalpPruner(graph, cost, PruneConfig(target=0.5, steps=3, chunk=2), HalpConfig(solver="greedy"))
-    assert all(e.predicted_ms <= e.target_ms * (1 + 1e-9) for e in run_steps(pruner))
+    *middle, last = run_steps(pruner)
+    assert last.predicted_ms <= last.target_ms * (1 + 1e-9)
+    assert all(e.predicted_ms <= e.target_ms * (1 + 1e-9) or e.removed == 0 for e in middle)
 
 
 def test_macs_cost_prices_and_prunes_to_a_fraction_of_dense_macs():

@@ -27,7 +27,7 @@ def test_create_pruner_builds_and_validates_settings():
     p = create_pruner("halp", graph, reference.cost, PruneConfig(target=0.5, chunk=4), {"solver": "greedy"})
     assert isinstance(p, HalpPruner) and p.hcfg == HalpConfig(solver="greedy") and p.method == "halp"
     assert p.chunks == reference.chunks and p.dense_ms == reference.dense_ms
-    with pytest.raises(ValueError, match="method 'halp' has no setting.* neurons; its settings are budget_tolerance, max_resolve"):
+    with pytest.raises(ValueError, match="method 'halp' has no setting.* neurons; its settings are budget_tolerance, lookahead, max_resolve"):
         method_config("halp", {"neurons": 3})
     with pytest.raises(ValueError, match="unknown solver 'dp'"):
         method_config("halp", {"solver": "dp"})

@@ -218,11 +218,12 @@ class Pruner:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared mechanics
-    def pieces(self, gid: str, scores: torch.Tensor) -> list[torch.Tensor]:
-        """Active channels of group ``gid`` cut into units of ``chunks[gid]``, least important
-        first (ties by channel index); a remainder is the last, most important unit, so removing
-        whole units from the front keeps widths on the chunk grid."""
-        active = torch.nonzero(self.masks[gid]).flatten()
+    def pieces(self, gid: str, scores: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Active channels of group ``gid`` (in ``mask``, by default the current masks) cut into
+        units of ``chunks[gid]``, least important first (ties by channel index); a remainder is the
+        last, most important unit, so removing whole units from the front keeps widths on the
+        chunk grid."""
+        active = torch.nonzero(self.masks[gid] if mask is None else mask).flatten()
         n, chunk = active.numel(), self.chunks[gid]
         if n == 0:
             return []

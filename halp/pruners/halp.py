@@ -14,7 +14,11 @@ a prefix of the importance order that fits the step's latency target
 group at a time, but groups interact (a reader's c_in is another group's width), so the budget
 handed to the solver is searched in both directions (bisection) until the cost model's total lands
 in ``[L_t·(1 − budget_tolerance), L_t]``, where the chunk grid allows: the step uses its budget
-instead of leaving it. Pruned channels never return.
+instead of leaving it. Local passes (:mod:`.repair`) then fill what the grid left, swap chunks
+between groups while that raises the kept importance, and on the last step also trade importance
+for budget use until the total is within the tolerance. With ``lookahead``, an intermediate step
+that would leave a state from which the final budget cannot be met waits instead (its log entry
+removes nothing and stays over its target). Pruned channels never return.
 Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..saliency import Saliency, SaliencyKind
 from ..solver import SOLVERS, GroupItems, InfeasibleTarget, get_solver
 from .base import PruneConfig, Pruner, PrunerContext, StepLog
 from .registry import register_pruner
+from .repair import Attempt, exchange, fill, trim
 
 __all__ = ["HalpConfig", "HalpPruner", "PruneConfig", "StepLog"]
 
@@ -39,13 +44,15 @@ class HalpConfig:
     """HALP's own knobs: ``solver`` (``exact`` knapsack or ``greedy``, the paper's ablation),
     ``saliency`` (``taylor_bn``, the paper's; ``taylor_bn_sq``, ``l1``, ``l2``),
     ``budget_tolerance`` (a step is done when its predicted latency is within this fraction below
-    its target) and ``max_resolve`` (the most extra solver calls a step makes searching its
-    budget)."""
+    its target), ``max_resolve`` (the most extra solver calls a step makes searching its budget)
+    and ``lookahead`` (an intermediate step waits rather than leave a state from which the final
+    budget can no longer be met within the tolerance)."""
 
     solver: str = "exact"
     saliency: str = "taylor_bn"
     max_resolve: int = 8
     budget_tolerance: float = 0.005
+    lookahead: bool = True
 
     def __post_init__(self) -> None:
         SaliencyKind(self.saliency)
@@ -73,11 +80,11 @@ class HalpPruner(Pruner):
         self.saliency.accumulate()
 
     # ------------------------------------------------------------------ one step
-    def _items(self, scores: dict[str, torch.Tensor], widths: dict[str, int]
+    def _items(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], widths: dict[str, int]
                ) -> tuple[list[GroupItems], dict[str, list[torch.Tensor]], float]:
         items, order, kept_cost = [], {}, 0.0
         for g in self.groups:
-            pieces = self.pieces(g.id, scores[g.id])
+            pieces = self.pieces(g.id, scores[g.id], keep[g.id])
             if not pieces:
                 continue
             values = np.array([float(scores[g.id][p].sum()) for p in pieces])
@@ -99,17 +106,43 @@ class HalpPruner(Pruner):
     def prune_step(self) -> StepLog:
         """Run one pruning step now (normally called by :meth:`after_step`)."""
         scores = self.saliency.scores()
-        widths = self.widths()
-        target = self.target_ms(self.step + 1)
-        items, order, items_cost = self._items(scores, widths)
-        fixed = self.cost.total_ms(widths) - items_cost  # latency not decided by this step
         keep = dict(self.masks)
+        target = self.target_ms(self.step + 1)
+        last = self.step + 1 >= self.cfg.steps
+        chosen, resolves = self._solve(scores, keep, target, last)
+        if not last and self.hcfg.lookahead and not self._reaches_final(scores, chosen):
+            # the final budget could no longer be met (say, a whole branch went and only coarse
+            # chunks are left): this step waits if that keeps it reachable; a later one, with more
+            # to choose from, prunes instead
+            current = Attempt(self.predicted_ms(), 0.0, keep, self.widths(), {})
+            if current.predicted > chosen.predicted and self._reaches_final(scores, current):
+                chosen = current
+        removed = sum(int(keep[g].sum()) - w for g, w in chosen.widths.items())
+        self.set_masks(chosen.keep)
+        self.saliency.reset()
+        return self.record(target, chosen.predicted, removed, resolves)
+
+    def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
+        """Whether a final step from ``a`` (same scores) lands within the tolerance of the final budget."""
+        final = self.final_target_ms
+        if a.predicted < final * (1 - self.hcfg.budget_tolerance):
+            return False
+        return self._solve(scores, a.keep, final, True)[0].predicted >= final * (1 - self.hcfg.budget_tolerance)
+
+    def _solve(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
+               last: bool) -> tuple[Attempt, int]:
+        """The most valuable masks within ``target`` from ``keep`` (prefixes of the importance
+        order), found by budget bisection, then repaired (:mod:`.repair`); on the ``last`` step
+        importance is also traded for budget use. Returns the answer and the extra solver calls."""
+        widths = {gid: int(m.sum()) for gid, m in keep.items()}
+        items, order, items_cost = self._items(scores, keep, widths)
+        fixed = self.cost.total_ms(widths) - items_cost  # latency not decided by this step
         floor = sum(_cheapest(it) for it in items)  # every group at its minimum: the solver's floor
         ceiling = items_cost  # every active channel kept
         ok = target * (1 + 1e-9)
         enough = target * (1 - self.hcfg.budget_tolerance)
 
-        def attempt(budget: float) -> _Attempt:
+        def attempt(budget: float) -> Attempt:
             try:
                 sol = self.solver.solve(items, budget)
             except InfeasibleTarget as e:  # our floor and the solver's differ in the last bits
@@ -121,14 +154,14 @@ class HalpPruner(Pruner):
                     m[piece] = True
                 new_keep[gid] = m
             new_widths = {gid: int(m.sum()) for gid, m in new_keep.items()}
-            return _Attempt(self.cost.total_ms(new_widths), sol.value, new_keep, new_widths, dict(sol.keep))
+            return Attempt(self.cost.total_ms(new_widths), sol.value, new_keep, new_widths, dict(sol.keep))
 
         # bisection on the solver's budget between one that fits the target and one that does not
         budget = min(max(target - fixed, floor), ceiling)
         fits: float | None = None
         over: float | None = None
-        best: _Attempt | None = None     # the most valuable attempt within the target
-        lowest: _Attempt | None = None   # the fallback when the target cannot be reached
+        best: Attempt | None = None     # the most valuable attempt within the target
+        lowest: Attempt | None = None   # the fallback when the target cannot be reached
         calls = 0
         for calls in range(1, self.hcfg.max_resolve + 2):
             a = attempt(budget)
@@ -152,75 +185,14 @@ class HalpPruner(Pruner):
                 budget = min(ceiling, budget + max(target - a.predicted, 1e-6 * target))
             else:  # cross-group effects pushed the prediction over: tighten by the excess, then faster
                 budget = max(floor, budget - (a.predicted - target) * 2 ** (calls - 1))
-        chosen = best if best is not None else self._trim(lowest, items, order, ok)
-        if chosen.predicted <= ok and chosen.predicted < enough:
-            chosen = self._fill(chosen, items, order, ok)
-        removed = sum(int(keep[g].sum()) - w for g, w in chosen.widths.items())
-        self.set_masks(chosen.keep)
-        self.saliency.reset()
-        return self.record(target, chosen.predicted, removed, calls - 1)
-
-    def _fill(self, a: _Attempt, items: list[GroupItems], order: dict[str, list[torch.Tensor]],
-              limit: float) -> _Attempt:
-        """Spend what the solver's discrete budget left: give back, one at a time, the removed chunk
-        with the most importance per predicted millisecond that still keeps the total within
-        ``limit`` (each group's kept chunks stay a prefix of its importance order)."""
-        values = {it.id: it.values for it in items}
-        keep, widths, kept = dict(a.keep), dict(a.widths), dict(a.kept)
-        predicted, value = a.predicted, a.value
-        while True:
-            pick = None
-            for gid, k in kept.items():
-                if k >= len(order[gid]):
-                    continue
-                w = {**widths, gid: widths[gid] + len(order[gid][k])}
-                total = self.cost.total_ms(w)
-                if total > limit:
-                    continue
-                gain = float(values[gid][k]) / max(total - predicted, 1e-12)
-                if pick is None or gain > pick[0]:
-                    pick = (gain, gid, total)
-            if pick is None:
-                break
-            _, gid, predicted = pick
-            piece = order[gid][kept[gid]]
-            m = keep[gid].clone()
-            m[piece] = True
-            keep[gid] = m
-            widths[gid] += len(piece)
-            value += float(values[gid][kept[gid]])
-            kept[gid] += 1
-        return _Attempt(predicted, value, keep, widths, kept)
-
-    def _trim(self, a: _Attempt, items: list[GroupItems], order: dict[str, list[torch.Tensor]],
-              limit: float) -> _Attempt:
-        """Bring an attempt over ``limit`` under it: remove, one at a time, the kept chunk with the
-        least importance per predicted millisecond saved (from the end of a group's prefix, never
-        below its minimum), until the total fits or nothing more may go."""
         values = {it.id: it.values for it in items}
         mins = {it.id: it.min_keep for it in items}
-        keep, widths, kept = dict(a.keep), dict(a.widths), dict(a.kept)
-        predicted, value = a.predicted, a.value
-        while predicted > limit:
-            pick = None
-            for gid, k in kept.items():
-                if k <= mins[gid]:
-                    continue
-                total = self.cost.total_ms({**widths, gid: widths[gid] - len(order[gid][k - 1])})
-                loss = float(values[gid][k - 1]) / max(predicted - total, 1e-12)
-                if pick is None or loss < pick[0]:
-                    pick = (loss, gid, total)
-            if pick is None:
-                break
-            _, gid, predicted = pick
-            piece = order[gid][kept[gid] - 1]
-            m = keep[gid].clone()
-            m[piece] = False
-            keep[gid] = m
-            widths[gid] -= len(piece)
-            kept[gid] -= 1
-            value -= float(values[gid][kept[gid]])
-        return _Attempt(predicted, value, keep, widths, kept)
+        chosen = best if best is not None else trim(self.cost, lowest, values, mins, order, ok)
+        if chosen.predicted <= ok:
+            if chosen.predicted < enough:
+                chosen = fill(self.cost, chosen, values, order, ok)
+            chosen = exchange(self.cost, chosen, values, mins, order, ok, enough if last else 0.0)
+        return chosen, calls - 1
 
     # ------------------------------------------------------------------ checkpoint
     def config_state(self) -> dict:
@@ -231,16 +203,6 @@ class HalpPruner(Pruner):
 
     def load_extra_state(self, state: dict) -> None:
         self.saliency.load_state_dict(state["saliency"])
-
-
-@dataclass
-class _Attempt:
-    """One solve of a step: predicted total, kept importance, masks and widths."""
-    predicted: float
-    value: float
-    keep: dict[str, torch.Tensor]
-    widths: dict[str, int]
-    kept: dict[str, int]  # chunks kept per group (a prefix of its importance order)
 
 
 def _cheapest(items: GroupItems) -> float:
