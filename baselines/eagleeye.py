@@ -145,7 +145,8 @@ class EagleEyePruner(Pruner):
         for g in self.groups:
             c, need = self.chunks[g.id], self.min_keep(g)
             cut = c * int(round(g.width * min(1.0, ratios[g.id]) / c))
-            widths[g.id] = max(g.width - cut, min(g.width, need))
+            lowest = g.width - c * ((g.width - need) // c) if need > 0 else 0  # on the grid
+            widths[g.id] = max(g.width - cut, lowest)
         return widths
 
     def draw(self, rng: np.random.Generator, max_rate: float) -> dict[str, int]:

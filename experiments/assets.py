@@ -214,14 +214,16 @@ def _read_anchors(path: Path, table_id: str) -> dict | None:
         return None
 
 
-def measure_latency(cfg: JobConfig, models: list[torch.nn.Module], shape: tuple[int, ...]) -> list:
-    """End-to-end latency of ``models`` in the table's setting, interleaved in one run."""
+def measure_latency(cfg: JobConfig, models: list[torch.nn.Module], shape: tuple[int, ...],
+                    rounds: int | None = None) -> list:
+    """End-to-end latency of ``models`` in the table's setting, interleaved in one run
+    (``rounds``: default ``cfg.measure_rounds``)."""
     setting = cfg.latency.setting()
     backend = get_backend(setting)
     with backend:
         x = torch.randn(setting.batch, *shape)
         return measure(backend, [backend.prepare(m.eval(), x) for m in models],
-                       Protocol(rounds=cfg.measure_rounds, sample_ms=50.0, seed=cfg.seed))
+                       Protocol(rounds=rounds or cfg.measure_rounds, sample_ms=50.0, seed=cfg.seed))
 
 
 def _file_id(path: Path) -> str:

@@ -36,6 +36,7 @@ from .assets import JobData, dense_model, latency_table, measure_latency, pin_an
 from .config import DENSE, JobConfig, LatencyConfig, ModelConfig
 from .data import build_datasets
 from .engine import Preempted, Trainer
+from .preflight import Preflight, preflight
 from .figures import method_label
 from .preemption import PreemptionGuard
 from .tracking import Tracker
@@ -97,6 +98,20 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
         distributed.shutdown()
 
 
+def _preflight(cfg: JobConfig, splits: JobData, de: distributed.DistEnv) -> Preflight | None:
+    """:func:`~experiments.preflight.preflight` on every rank (rank 0 alone measures the floor);
+    rank 0's verdict is everyone's, so no rank waits for one that gave up."""
+    found, error = None, None
+    try:
+        found = preflight(cfg, splits.input_shape, splits.num_classes, measure_floor=de.is_main)
+    except ValueError as e:
+        error = str(e)
+    error = distributed.broadcast(de, error) if de.enabled else error
+    if error is not None:
+        raise ValueError(error)
+    return found
+
+
 def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: PreemptionGuard) -> dict | None:
     cache = Path(cfg.cache_dir)
     t_start = time.perf_counter()
@@ -104,6 +119,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     torch.set_num_threads(cfg.dense.threads)
     train, val, _, info = build_datasets(cfg.data)  # fails early, saying where to get missing data
     splits = JobData(train, val, info.num_classes, info.input_shape)
+    checks = _preflight(cfg, splits, de)  # a job that cannot succeed fails here, in seconds
     model, dense_metrics = dense_model(cfg, splits, cache, de)
     graph = ChannelGraph.build(model, splits.input_shape)
     pinned = run_dir / "lut-anchors.json"
@@ -204,6 +220,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
         "chunk_sizes": pruner.chunks if pruner else {},
         "search": getattr(pruner, "search", None),
         "resumed": resumed,  # where this run continued from a checkpoint (preemption), or None
+        "preflight": asdict(checks) if checks else None,
     }
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str) + "\n")
     tracker.summary(result)

@@ -49,7 +49,7 @@ def count(graph: ChannelGraph, widths: dict[str, int] | None = None) -> Counts:
         cin, cout = io[name]
         macs += layer_macs(li, cin, cout)
         params += layer_params(li, cin, cout)
-    norm_width = {n: widths.get(gid, g.width) for gid, g in graph.groups.items() for n in g.norms}
+    norm_width = graph.norm_widths(widths)
     for name, mod in graph.model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine:
             if name in norm_width:

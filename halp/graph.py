@@ -9,6 +9,7 @@ serialisable data model on top of it (``ChannelGroup``, ``LayerInfo``). Everythi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -28,7 +29,9 @@ class LayerInfo:
 
     ``in_group``/``out_group`` are group ids, or ``None`` where the width is fixed (the image
     channels of the stem, the classifier's outputs). For a depthwise conv both are the same group.
-    ``input_hw``/``output_hw`` come from one traced forward at the graph's input shape.
+    ``input_hw``/``output_hw`` come from one traced forward at the graph's input shape. A layer
+    reading a concatenation of several groups (DenseNet) lists them all in ``in_groups``;
+    its ``c_in`` is ``in_fixed`` plus their widths.
     """
 
     name: str
@@ -45,10 +48,18 @@ class LayerInfo:
     output_hw: tuple[int, int] = (1, 1)
     in_group: str | None = None
     out_group: str | None = None
+    in_groups: tuple[str, ...] = ()  # every group feeding the input, when it is a concatenation
+    in_fixed: int = 0  # input channels from no group (e.g. the image), when it is a concatenation
 
     @property
     def depthwise(self) -> bool:
         return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def grouped(self) -> bool:
+        """A grouped conv that is not depthwise (RegNet, ResNeXt): ``groups`` stays, widths shrink
+        by the same amount in every group."""
+        return self.kind == "conv" and self.groups > 1 and not self.depthwise
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +92,20 @@ class ChannelGroup:
     residual_block: str | None = None  # set when the group lies inside one residual branch
     unsupported: tuple[str, ...] = ()  # member types our masks cannot handle
     members: tuple[Member, ...] = field(default=(), repr=False)
+    slices: int = 1  # grouped convs read/write it in this many equal slices; masks repeat per slice
+
+    @property
+    def quantum(self) -> int:
+        """Fewest channels that can go at once: one position in every slice."""
+        return self.slices
+
+    def grid_step(self, step: int) -> int:
+        """This group's step on a grid of about ``step`` channels: a multiple of its quantum, at
+        most its width; its whole width (one point: it stays) where it cannot be pruned."""
+        if not self.prunable:
+            return self.width
+        q = self.quantum
+        return min(self.width, q * max(1, round(step / q)))
 
     @property
     def can_vanish(self) -> bool:
@@ -93,7 +118,7 @@ class ChannelGroup:
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in ("id", "width", "out_layers", "in_layers", "norms",
-                                             "contains_stem", "residual_block", "unsupported")}
+                                             "contains_stem", "residual_block", "unsupported", "slices")}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -127,6 +152,7 @@ class ChannelGraph:
         if len(input_shape) != 3 or min(input_shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
         names = {m: n for n, m in model.named_modules()}
+        params = {p: n for n, p in model.named_parameters()}
         order = {n: i for i, n in enumerate(names.values())}
         if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
             raise ValueError(f"{type(model).__name__} has no Conv2d layer: halp prunes CNN channels")
@@ -146,26 +172,31 @@ class ChannelGraph:
 
         groups: dict[str, ChannelGroup] = {}
         for tp_group in dg.get_all_groups(root_module_types=LAYER_TYPES):
-            g = _to_channel_group(dg, tp_group, names, order)
+            g = _to_channel_group(dg, tp_group, names, order, params)
             if g is not None:
                 groups[g.id] = g
         groups = dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
-        in_of: dict[str, str] = {}
         out_of: dict[str, str] = {}
         for g in groups.values():
-            for n in g.out_layers:
-                out_of[n] = g.id
-            for n in g.in_layers:
-                in_of[n] = g.id
+            for mem in g.members:  # a layer writing part of a group keeps its own width (fixed)
+                if mem.role == "out" and len(mem.positions) == g.width:
+                    out_of[mem.layer] = g.id
+        parts = input_parts(groups)
+        fed = {mem.layer for g in groups.values() for mem in g.members if mem.role == "in"}
         layers: dict[str, LayerInfo] = {}
         for name, mod in model.named_modules():
             if not isinstance(mod, LAYER_TYPES) or name not in shapes:
                 continue
-            layers[name] = _layer_info(name, mod, shapes[name], in_of.get(name), out_of.get(name))
-            if layers[name].depthwise:
-                layers[name] = dataclasses.replace(layers[name], in_group=out_of.get(name))
-        stems = {n for n, li in layers.items() if li.kind == "conv" and li.in_group is None}
+            feeding = parts.get(name, {})
+            li = _layer_info(name, mod, shapes[name], next(iter(feeding), None), out_of.get(name))
+            if li.depthwise:
+                li = dataclasses.replace(li, in_group=out_of.get(name))
+            elif len(feeding) > 1 or sum(feeding.values()) != li.in_channels and feeding:
+                li = dataclasses.replace(li, in_groups=tuple(feeding),
+                                         in_fixed=li.in_channels - sum(feeding.values()))
+            layers[name] = li
+        stems = {n for n, li in layers.items() if li.kind == "conv" and n not in fed}
         blocks = find_residual_blocks(model)
         for g in groups.values():
             g.contains_stem = any(n in stems for n in g.out_layers)
@@ -179,7 +210,8 @@ class ChannelGraph:
     @property
     def stem_layers(self) -> list[str]:
         """Convs reading the image: their input channels are never pruned."""
-        return [n for n, li in self.layers.items() if li.kind == "conv" and li.in_group is None]
+        fed = {mem.layer for g in self.groups.values() for mem in g.members if mem.role == "in"}
+        return [n for n, li in self.layers.items() if li.kind == "conv" and n not in fed]
 
     @property
     def output_layers(self) -> list[str]:
@@ -198,8 +230,22 @@ class ChannelGraph:
         def w(gid: str | None, full: int) -> int:
             return full if gid is None else int(widths.get(gid, self.groups[gid].width))
 
-        return {n: (w(li.in_group, li.in_channels), w(li.out_group, li.out_channels))
-                for n, li in self.layers.items()}
+        def cin(li: LayerInfo) -> int:
+            if li.in_groups:
+                return li.in_fixed + sum(w(g, self.groups[g].width) for g in li.in_groups)
+            return w(li.in_group, li.in_channels)
+
+        return {n: (cin(li), w(li.out_group, li.out_channels)) for n, li in self.layers.items()}
+
+    def norm_widths(self, widths: dict[str, int]) -> dict[str, int]:
+        """Channels of every BatchNorm that a group touches, under group ``widths`` (a norm over a
+        concatenation counts every group in it)."""
+        out: dict[str, int] = {}
+        for name, feeding in input_parts(self.groups, role="norm").items():
+            full = self.model.get_submodule(name).num_features
+            out[name] = full - sum(feeding.values()) + sum(
+                int(widths.get(g, self.groups[g].width)) * n // self.groups[g].width for g, n in feeding.items())
+        return out
 
     def describe(self) -> dict:
         """A JSON-ready description (groups and layers) for ``halp inspect --json`` and logs."""
@@ -209,6 +255,22 @@ class ChannelGraph:
 
 
 # ---------------------------------------------------------------------- helpers
+def input_parts(groups: dict[str, ChannelGroup], role: str = "in") -> dict[str, dict[str, int]]:
+    """For every layer (``role="in"``: its input; ``"norm"``: a BatchNorm) the groups that feed
+    it, in order of their first position, with how many of its channels each one sets."""
+    found: dict[str, list[tuple[int, str, int]]] = {}
+    for g in groups.values():
+        for mem in g.members:  # only whole groups: a reader of a slice keeps its own width (fixed)
+            if mem.role == role and len(mem.positions) == g.width:
+                found.setdefault(mem.layer, []).append((int(mem.positions.min()), g.id, len(mem.positions)))
+    out: dict[str, dict[str, int]] = {}
+    for layer, v in found.items():
+        parts = out.setdefault(layer, {})
+        for _, gid, n in sorted(v):
+            parts[gid] = parts.get(gid, 0) + n
+    return out
+
+
 def _trace_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Input and output shapes of every conv/linear from one forward (first call if reused)."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -254,19 +316,21 @@ def _layer_info(name: str, mod: nn.Module, shapes: tuple, in_group: str | None,
                      in_group=in_group, out_group=out_group)
 
 
-def _to_channel_group(dg: tp.DependencyGraph, tp_group, names: dict, order: dict) -> ChannelGroup | None:
+def _to_channel_group(dg: tp.DependencyGraph, tp_group, names: dict, order: dict,
+                      params: dict | None = None) -> ChannelGroup | None:
     outs: list[str] = []
     ins: list[str] = []
     norms: list[str] = []
     unsupported: list[str] = []
     members: list[Member] = []
+    slices = 1
     for item in tp_group:
         dep, idxs = item.dep, item.idxs
         mod = dep.target.module
         name = names.get(mod)
         if name is None:  # Torch-Pruning's own nodes (add, reshape, concat...) carry no weights
-            if isinstance(mod, nn.Parameter):
-                unsupported.append("nn.Parameter")
+            if isinstance(mod, nn.Parameter):  # e.g. a layer scale: masks cannot follow it
+                unsupported.append(f"nn.Parameter {(params or {}).get(mod, '?')}")
             continue
         is_out = dg.is_out_channel_pruning_fn(dep.handler)
         pos = torch.as_tensor(list(idxs), dtype=torch.long)
@@ -278,7 +342,10 @@ def _to_channel_group(dg: tp.DependencyGraph, tp_group, names: dict, order: dict
             role = "out" if is_out else "in"
             if isinstance(mod, nn.Conv2d) and mod.groups > 1 and not (
                     mod.groups == mod.in_channels == mod.out_channels):
-                unsupported.append(f"grouped conv {name}")
+                # a grouped conv: the same positions go in each of its groups (Torch-Pruning's way)
+                if not torch.equal(pos, chans) or len(pos) != (mod.out_channels if is_out else mod.in_channels):
+                    unsupported.append(f"grouped conv {name} on part of a concatenation")
+                slices = math.lcm(slices, mod.groups)
             (outs if is_out else ins).append(name)
         else:
             if any(True for _ in mod.parameters(recurse=False)) or list(mod.buffers(recurse=False)):
@@ -292,10 +359,32 @@ def _to_channel_group(dg: tp.DependencyGraph, tp_group, names: dict, order: dict
         return None
     outs.sort(key=order.__getitem__)
     width = int(dg.get_out_channels(dg.model.get_submodule(outs[0])))
+    if width % slices:
+        unsupported.append(f"grouped convs need multiples of {slices} channels, the group has {width}")
+    for mem in members:
+        # every member must hold the whole group once: a layer writing part of it (a concatenated
+        # output, as in GhostNet's ghost module) or reading a slice of it has widths of its own
+        mod = dg.model.get_submodule(mem.layer)
+        size = _dim_size(mod, mem.role)
+        whole = len(mem.positions) == width and torch.equal(torch.sort(mem.channels).values, torch.arange(width))
+        if not whole or (len(mem.positions) and int(mem.positions.max()) >= size):
+            verb = {"out": "writes", "in": "reads", "norm": "normalises"}[mem.role]
+            unsupported.append(f"{type(mod).__name__} {mem.layer} {verb} only part of the group's channels "
+                               f"(a concatenation or slice, e.g. a ghost module)")
+            break
     return ChannelGroup(id=outs[0], width=width, out_layers=tuple(outs),
                         in_layers=tuple(sorted(set(ins), key=order.__getitem__)),
                         norms=tuple(sorted(set(norms), key=order.__getitem__)),
-                        unsupported=tuple(unsupported), members=tuple(members))
+                        unsupported=tuple(unsupported), members=tuple(members), slices=slices)
+
+
+def _dim_size(mod: nn.Module, role: str) -> int:
+    """Size of the dimension a member's positions index."""
+    if role == "norm":
+        return int(mod.num_features)
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if role == "out" else mod.in_features
+    return mod.out_channels if role == "out" else mod.in_channels
 
 
 def _enclosing_branch(group: ChannelGroup, blocks: dict) -> str | None:

@@ -81,12 +81,13 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
 
     @classmethod
     def prefix(cls, graph: ChannelGraph, widths: dict[str, int]) -> "ChannelMasks":
-        """Masks keeping the first ``widths[gid]`` channels of every group (for timing only)."""
+        """Masks keeping the first ``widths[gid]`` channels of every group (for timing only; the
+        first ``widths[gid] / slices`` of every slice where grouped convs slice the group)."""
         keep = {}
         for gid, g in graph.groups.items():
-            m = torch.zeros(g.width, dtype=torch.bool)
-            m[: widths[gid]] = True
-            keep[gid] = m
+            m = torch.zeros(g.slices, g.width // g.slices, dtype=torch.bool)
+            m[:, : widths[gid] // g.slices] = True
+            keep[gid] = m.flatten()
         return cls(keep)
 
     @classmethod
@@ -101,12 +102,13 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
             if not g.prunable or (g.contains_stem and not include_stem):
                 keep[gid] = torch.ones(g.width, dtype=torch.bool)
                 continue
-            n = int(torch.randint(min(min_width, g.width), g.width + 1, (1,), generator=generator))
+            per = g.width // g.slices  # positions per slice; the same ones go in every slice
+            n = int(torch.randint(min(-(-min_width // g.slices), per), per + 1, (1,), generator=generator))
             if g.can_vanish and float(torch.rand((), generator=generator)) < vanish_prob:
                 n = 0
-            m = torch.zeros(g.width, dtype=torch.bool)
-            m[torch.randperm(g.width, generator=generator)[:n]] = True
-            keep[gid] = m
+            m = torch.zeros(per, dtype=torch.bool)
+            m[torch.randperm(per, generator=generator)[:n]] = True
+            keep[gid] = m.repeat(g.slices)
         return cls(keep)
 
     @classmethod
@@ -119,12 +121,14 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
             m = torch.ones(g.width, dtype=torch.bool)
             if gid in widths:
                 k = int(widths[gid])
-                if not 0 <= k <= g.width:
-                    raise ValueError(f"group {gid}: cannot keep {k} of {g.width} channels")
-                s = scores[gid]
-                order = sorted(range(g.width), key=lambda i: (-float(s[i]), i))
-                m = torch.zeros(g.width, dtype=torch.bool)
-                m[order[:k]] = True
+                if not 0 <= k <= g.width or k % g.slices:
+                    raise ValueError(f"group {gid}: cannot keep {k} of {g.width} channels"
+                                     + (f" (a multiple of its {g.slices} conv groups)" if g.slices > 1 else ""))
+                s = scores[gid].reshape(g.slices, -1).sum(0)  # a position's score over every slice
+                order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
+                m = torch.zeros(len(s), dtype=torch.bool)
+                m[order[:k // g.slices]] = True
+                m = m.repeat(g.slices)
             keep[gid] = m
         return cls(keep)
 
@@ -156,6 +160,10 @@ class ChannelMasks(Mapping[str, torch.Tensor]):
                                  "branch may be pruned to zero")
             if not g.prunable and not bool(m.all()):
                 raise ValueError(f"group {gid} cannot be pruned: {', '.join(g.unsupported)}")
+            if g.slices > 1 and not bool((m.view(g.slices, -1) == m.view(g.slices, -1)[0]).all()):
+                convs = [n for n in (*g.out_layers, *g.in_layers) if _grouped(graph.module(n))]
+                raise ValueError(f"group {gid}: grouped conv {convs[0] if convs else '?'} needs the same channels "
+                                 f"kept in each of its {g.slices} slices of {g.width // g.slices}")
 
     def check_model(self, graph: ChannelGraph, model_name: str) -> None:
         """Raise ``ValueError`` unless these masks were made for ``model_name`` (where their file
@@ -227,6 +235,8 @@ class MaskApplier:
                     continue
                 idx = mem.positions[sel]
                 mod = graph.module(mem.layer)
+                if mem.role == "in" and _grouped(mod):  # weight dim 1 holds one conv group's inputs
+                    idx = torch.unique(idx % (mod.in_channels // mod.groups))
                 for tensor, dim in _tensors_for(mod, mem.role):
                     self._targets.append((tensor, dim, idx))
 
@@ -246,6 +256,10 @@ class MaskApplier:
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
                     value.index_fill_(dim, idx.to(value.device), 0)
+
+
+def _grouped(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Conv2d) and mod.groups > 1 and not mod.groups == mod.in_channels == mod.out_channels
 
 
 def _tensors_for(mod: nn.Module, role: str) -> list[tuple[torch.Tensor, int]]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.job import JobConfig, LatencyConfig, ModelConfig, run_job
 from experiments.data import DataConfig
@@ -74,6 +75,38 @@ def test_bad_inputs_stop_before_any_result(tmp_path):
     with pytest.raises(FloatingPointError, match="loss became"):
         run_job(tiny(tmp_path, finetune=TrainConfig(epochs=1, lr=1e30, batch_size=32, threads=1)), tmp_path / "e")
     assert not (tmp_path / "e" / "result.json").exists()
+
+
+class _AllGroupNorm(torch.nn.Module):
+    """Every channel group is normalised by a GroupNorm, which masks cannot follow."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        self.c1, self.g1 = torch.nn.Conv2d(in_chans, 8, 3), torch.nn.GroupNorm(2, 8)
+        self.c2, self.g2 = torch.nn.Conv2d(8, 8, 3), torch.nn.GroupNorm(2, 8)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.g2(self.c2(self.g1(self.c1(x)))).mean((2, 3)))
+
+
+def test_a_model_that_cannot_be_pruned_fails_before_training(tmp_path):
+    from halp.models import list_models, register_model
+    if "halp:toy_all_groupnorm" not in list_models():
+        register_model("toy_all_groupnorm")(_AllGroupNorm)
+    cfg = tiny(tmp_path, True, model=ModelConfig("halp:toy_all_groupnorm"),
+               dense=TrainConfig(epochs=50, lr=0.05, batch_size=32, threads=1))  # would take minutes
+    with pytest.raises(ValueError, match=r"no channel group that can be pruned: .*GroupNorm g1"):
+        run_job(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no training, no table
+
+
+def test_targets_below_the_measured_floor_fail_before_training(tmp_path):
+    cfg = tiny(tmp_path, True, prune=PruneConfig(target=0.01, interval=2, steps=3, chunk=4),
+               dense=TrainConfig(epochs=50, lr=0.05, batch_size=32, threads=1))
+    with pytest.raises(ValueError, match=r"below this model's latency floor, about .* \(measured end to end\)"):
+        run_job(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
 
 
 def hydra(*args: str, cwd: Path) -> subprocess.CompletedProcess:

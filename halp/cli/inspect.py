@@ -6,13 +6,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..counting import count
 from ..graph import ChannelGraph
-from ..masks import ChannelMasks
-from ..residual import vanished_blocks
-from ..slim import masked_copy, slim_model
+from ..roundtrip import roundtrip
 from .common import add_model_args, model_from_args
 
 HELP = """Print a model's channel groups (coupled channels that are pruned together), the geometry of
@@ -40,26 +36,6 @@ def _fmt_int(n: int) -> str:
     return str(n)
 
 
-def roundtrip(graph: ChannelGraph, seed: int) -> dict:
-    """Random masks (every group >= 1 channel, some residual branches emptied) -> slim -> compare."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = ChannelMasks.random(graph, gen, vanish_prob=0.2)
-    t0 = time.perf_counter()
-    masked, _ = masked_copy(graph, masks)
-    slim = slim_model(graph, masks)
-    x = torch.randn(2, *graph.input_shape, generator=gen)
-    with torch.no_grad():
-        a, b = masked.eval()(x), slim.eval()(x)
-    diff = float((a - b).abs().max())
-    predicted = count(graph, masks.widths())
-    return {"seed": seed, "max_abs_diff": diff, "emptied_branches": len(vanished_blocks(graph, masks.widths())), "max_abs_output": float(a.abs().max()),
-            "kept_channels": sum(masks.widths().values()),
-            "total_channels": sum(g.width for g in graph.groups.values()),
-            "slim_params": sum(p.numel() for p in slim.parameters()),
-            "predicted_params": predicted.params, "slim_macs": predicted.macs,
-            "seconds": round(time.perf_counter() - t0, 3)}
-
-
 def run(args: argparse.Namespace) -> int:
     model, shape = model_from_args(args)
     t0 = time.perf_counter()
@@ -74,14 +50,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(graph.groups)} channel groups "
           "(flags: S = holds the stem conv, V = inside a residual branch, may drop to 0, "
           "X = cannot be pruned)")
-    print(f"{'group id':<36}{'width':>7}  {'flags':<5}{'writers':>8}{'readers':>8}{'norms':>6}")
+    print("(unit: fewest channels pruned at once; grouped convs prune one position in each of their groups)")
+    print(f"{'group id':<36}{'width':>7}{'unit':>6}  {'flags':<5}{'writers':>8}{'readers':>8}{'norms':>6}")
     for g in graph.groups.values():
         flags = ("S" if g.contains_stem else "") + ("V" if g.can_vanish else "") + ("X" if not g.prunable else "")
-        print(f"{g.id:<36}{g.width:>7}  {flags:<5}{len(g.out_layers):>8}{len(g.in_layers):>8}{len(g.norms):>6}")
+        unit = str(g.quantum) if g.prunable else "-"
+        print(f"{g.id:<36}{g.width:>7}{unit:>6}  {flags:<5}{len(g.out_layers):>8}{len(g.in_layers):>8}{len(g.norms):>6}")
         if args.members:
             print(f"    writers: {', '.join(g.out_layers)}\n    readers: {', '.join(g.in_layers)}")
-            if g.unsupported:
-                print(f"    cannot prune: {', '.join(g.unsupported)}")
+        if g.unsupported:
+            print(f"    cannot prune (stays at full width): {'; '.join(g.unsupported)}")
     print(f"\n{len(graph.layers)} layers (c_in/c_out: width [group that sets it, '-' = fixed])")
     print(f"{'layer':<36}{'kind':<7}{'c_in':>6} {'[group]':<30}{'c_out':>6} {'[group]':<30}"
           f"{'k':>4}{'s':>3}{'g':>6}  fmap_in")
@@ -91,15 +69,15 @@ def run(args: argparse.Namespace) -> int:
               f"{li.groups:>6}  {li.input_hw[0]}x{li.input_hw[1]}")
     result = None
     if not args.no_roundtrip:
-        result = roundtrip(graph, args.seed)
-        ok = result["max_abs_diff"] <= 1e-4 * max(1.0, result["max_abs_output"]) and \
-            result["slim_params"] == result["predicted_params"]
-        print(f"\nslim round trip (seed {result['seed']}): kept {result['kept_channels']}/"
-              f"{result['total_channels']} channels, {result['emptied_branches']} residual branches emptied, max |masked - slim| = {result['max_abs_diff']:.3g} "
-              f"(outputs up to {result['max_abs_output']:.3g}), params slim {result['slim_params']} "
-              f"vs from widths {result['predicted_params']}, MACs {_fmt_int(result['slim_macs'])}, "
-              f"{result['seconds']:.2f}s -> {'OK' if ok else 'MISMATCH'}")
-        result["ok"] = ok
+        rt = roundtrip(graph, args.seed)
+        result = rt.to_dict()
+        print(f"\nslim round trip (seed {rt.seed}): kept {rt.kept_channels}/{rt.total_channels} channels, "
+              f"{rt.emptied_branches} residual branches emptied, max |masked - slim| = {rt.max_abs_diff:.3g} "
+              f"(outputs up to {rt.max_abs_output:.3g}), params slim {rt.slim_params} "
+              f"vs from widths {rt.predicted_params}, MACs {_fmt_int(rt.slim_macs)}, "
+              f"{rt.seconds:.2f}s -> {'OK' if rt.ok else 'MISMATCH'}")
+        if not rt.ok:
+            print(f"problem: {rt.problem()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         data = {"model": args.model, "dense": {"macs": dense.macs, "params": dense.params},

@@ -16,8 +16,10 @@ from .units import reachable_widths
 
 
 def anchor_widths(graph: ChannelGraph, steps: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Widths of the anchors: dense, every group at the grid width nearest half, smallest."""
-    grids = {gid: reachable_widths(g.width, steps.get(gid, 1)) for gid, g in graph.groups.items()}
+    """Widths of the anchors: dense, every prunable group at the grid width nearest half, smallest."""
+    # a group that cannot be pruned stays at full width whatever the table's grid says
+    grids = {gid: reachable_widths(g.width, steps.get(gid, 1) if g.prunable else g.width)
+             for gid, g in graph.groups.items()}
     return {"dense": {gid: o[-1] for gid, o in grids.items()},
             "half": {gid: min(o, key=lambda w: (abs(w - o[-1] / 2), w)) for gid, o in grids.items()},
             "smallest": {gid: o[0] for gid, o in grids.items()}}

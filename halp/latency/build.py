@@ -62,7 +62,7 @@ def plan_build(graph: ChannelGraph, model_name: str, setting: Setting, step: int
         raise ValueError(f"--step must be a positive number of channels, got {step}")
     if not graph.layers:
         raise ValueError("the model has no conv or linear layer to measure")
-    steps = {gid: min(step, g.width) for gid, g in graph.groups.items()}
+    steps = {gid: g.grid_step(step) for gid, g in graph.groups.items()}
     units = model_units(graph)
     pts = [(k, ci, co) for k, v in enumerate_points(graph, units, steps).items() for ci, co in v]
     if shard is not None:

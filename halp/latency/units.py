@@ -54,6 +54,7 @@ class UnitSpec:
     norm: bool = False
     act: str | None = None
     pool: str | None = None
+    groups: int = 1  # a grouped conv (not depthwise) keeps its groups; widths are multiples of it
 
     @property
     def key(self) -> str:
@@ -65,6 +66,8 @@ class UnitSpec:
                  f"p{p[0]}x{p[1]}" if p[0] != p[1] else f"p{p[0]}"]
         if d != (1, 1):
             parts.append(f"d{d[0]}x{d[1]}")
+        if self.groups > 1:
+            parts.append(f"g{self.groups}")
         parts.append(f"hw{hw[0]}x{hw[1]}")
         if self.bias:
             parts.append("b")
@@ -93,8 +96,10 @@ class UnitSpec:
             return nn.Linear(cin, cout, bias=self.bias)
         if self.depthwise and cin != cout:
             raise ValueError(f"depthwise unit needs c_in == c_out, got {cin}, {cout}")
+        if cin % self.groups or cout % self.groups:
+            raise ValueError(f"a unit with {self.groups} groups needs widths divisible by it, got {cin}, {cout}")
         layers: list[nn.Module] = [nn.Conv2d(cin, cout, self.kernel, self.stride, self.padding,
-                                             self.dilation, groups=cin if self.depthwise else 1,
+                                             self.dilation, groups=cin if self.depthwise else self.groups,
                                              bias=self.bias)]
         if fused and self.norm:
             bn = nn.BatchNorm2d(cout)
@@ -163,7 +168,7 @@ def unit_of(li: LayerInfo, norm: bool = False, act: str | None = None, pool: str
     if li.kind == "linear":
         return UnitSpec("linear", bias=li.bias)
     return UnitSpec("conv", li.kernel, li.stride, li.padding, li.dilation, li.depthwise, li.bias,
-                    li.input_hw, norm, act, pool)
+                    li.input_hw, norm, act, pool, groups=li.groups if li.grouped else 1)
 
 
 def reachable_widths(width: int, step: int) -> list[int]:
@@ -188,7 +193,14 @@ def layer_grid(graph: ChannelGraph, name: str, steps: dict[str, int]) -> list[tu
 
     if li.depthwise:
         return [(c, c) for c in axis(li.out_group, li.out_channels)]
-    return [(ci, co) for ci in axis(li.in_group, li.in_channels) for co in axis(li.out_group, li.out_channels)]
+    if li.in_groups:  # a concatenation: every sum of its groups' reachable widths
+        sums = {li.in_fixed}
+        for gid in li.in_groups:
+            sums = {a + b for a in sums for b in axis(gid, 0)}
+        cins = sorted(sums)
+    else:
+        cins = axis(li.in_group, li.in_channels)
+    return [(ci, co) for ci in cins for co in axis(li.out_group, li.out_channels)]
 
 
 def enumerate_points(graph: ChannelGraph, units: dict[str, UnitSpec], steps: dict[str, int]

@@ -102,6 +102,25 @@ class StepLog:
 Unit = tuple[str, torch.Tensor]  # (group id, channel indices removed together)
 
 
+def min_keep(g: ChannelGroup, cfg: PruneConfig) -> int:
+    """Fewest channels group ``g`` may keep under ``cfg`` (0 only for a residual branch allowed to
+    vanish)."""
+    if cfg.allow_vanish and g.can_vanish:
+        return 0
+    return max(1, cfg.min_width, math.ceil(cfg.min_fraction * g.width))
+
+
+def floor_widths(graph: ChannelGraph, groups: Sequence[ChannelGroup], cfg: PruneConfig,
+                 chunks: dict[str, int]) -> dict[str, int]:
+    """Every group in ``groups`` at the smallest width its ``chunks`` grid reaches under
+    ``cfg``'s minimum (the others at full width): the configuration of the resource floor."""
+    widths = graph.full_widths()
+    for g in groups:
+        need, c = min_keep(g, cfg), chunks[g.id]
+        widths[g.id] = g.width - c * ((g.width - need) // c) if need > 0 else 0
+    return widths
+
+
 class Pruner:
     """Base class: budget, schedule, masks and checkpoint state over a cost model.
 
@@ -124,7 +143,7 @@ class Pruner:
         chunk = config.chunk if chunk is None else chunk
         check_chunk(chunk)
         if isinstance(chunk, int):
-            self.chunks = {g.id: min(chunk, g.width) for g in self.groups}
+            self.chunks = {g.id: g.grid_step(chunk) for g in self.groups}
         else:
             if chunk_sizes is None:
                 from ..latency.quality import chunk_sizes as derive
@@ -133,7 +152,7 @@ class Pruner:
                                      "model has none; give a chunk size or a table")
                 # a latency model prices the staircase itself; another resource reads the table's
                 chunk_sizes = derive(graph, cost.table, cost=cost if isinstance(cost, CostModel) else None)
-            self.chunks = {g.id: int(chunk_sizes[g.id]) for g in self.groups}
+            self.chunks = {g.id: g.grid_step(int(chunk_sizes[g.id])) for g in self.groups}
         self.masks = ChannelMasks.full(graph)
         self.applier = MaskApplier(graph, self.masks)
         self.iteration = 0
@@ -153,17 +172,11 @@ class Pruner:
     # ------------------------------------------------------------------ budget and schedule
     def min_keep(self, g: ChannelGroup) -> int:
         """Fewest channels group ``g`` may keep (0 only for a residual branch allowed to vanish)."""
-        if self.cfg.allow_vanish and g.can_vanish:
-            return 0
-        return max(1, self.cfg.min_width, math.ceil(self.cfg.min_fraction * g.width))
+        return min_keep(g, self.cfg)
 
     def floor_ms(self) -> float:
         """Predicted latency with every prunable group at its smallest allowed width."""
-        widths = self.graph.full_widths()
-        for g in self.groups:
-            need, c = self.min_keep(g), self.chunks[g.id]
-            widths[g.id] = g.width - c * ((g.width - need) // c) if need > 0 else 0
-        return self.cost.total_ms(widths)
+        return self.cost.total_ms(floor_widths(self.graph, self.groups, self.cfg, self.chunks))
 
     @property
     def final_target_ms(self) -> float:
@@ -223,8 +236,17 @@ class Pruner:
         units of ``chunks[gid]``, least important first (ties by channel index); a remainder is the
         last, most important unit, so removing whole units from the front keeps widths on the
         chunk grid."""
-        active = torch.nonzero(self.masks[gid] if mask is None else mask).flatten()
-        n, chunk = active.numel(), self.chunks[gid]
+        mask = self.masks[gid] if mask is None else mask
+        q = self.graph.groups[gid].slices
+        if q > 1:  # grouped convs: rank positions by their score over every slice, cut whole positions
+            per = mask.numel() // q
+            pos = self._cut(torch.nonzero(mask[:per]).flatten(), scores.reshape(q, per).sum(0), self.chunks[gid] // q)
+            return [(p.view(1, -1) + per * torch.arange(q).view(-1, 1)).flatten() for p in pos]
+        return self._cut(torch.nonzero(mask).flatten(), scores, self.chunks[gid])
+
+    @staticmethod
+    def _cut(active: torch.Tensor, scores: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+        n = active.numel()
         if n == 0:
             return []
         s = scores[active]
