@@ -18,7 +18,8 @@ from halp.evaluation import evaluate
 from halp.fileio import atomic_write, atomic_write_text, file_lock
 from halp.graph import ChannelGraph
 from halp.latency.backends import Setting, get_backend
-from halp.latency.build import build_table, plan_build
+from halp.latency.build import build_table, describe_plan, estimate_build, plan_build
+from halp.latency.refine import Refinement
 from halp.latency.calibration import recalibrate
 from halp.latency.table import LatencyTable
 from halp.latency.timing import Protocol, measure
@@ -103,6 +104,11 @@ def table_path(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> Path:
     shape = "x".join(map(str, graph.input_shape))
     name = (f"{cfg.model.name.replace(':', '_')}-w{cfg.model.width}-{shape}-b{s.batch}-t{s.threads}-"
             f"{s.backend}{'-cl' if s.channels_last else ''}-s{s.step}")
+    r = s.refinement()
+    if r.start == 1:
+        name += "-full"
+    elif r != Refinement():
+        name += f"-r{r.tol:g}-{r.budget:g}"
     return cache / "luts" / f"{name}.json"
 
 
@@ -161,8 +167,13 @@ def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchor
         if not path.exists() and not given:
             log.info(f"building the latency table {path}")
             t0 = time.perf_counter()
-            plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step)
-            table = build_table(plan, path, Protocol(rounds=cfg.latency.rounds), progress=cfg.progress)
+            plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step, refine=cfg.latency.refinement())
+            protocol = Protocol(rounds=cfg.latency.rounds)
+            log.info(describe_plan(plan, estimate_build(plan, protocol)))
+            table = build_table(plan, path, protocol, progress=cfg.progress, time_limit_s=cfg.latency.time_limit_s)
+            pts = table.meta["points"]
+            log.info(f"latency table built in {table.meta['wall_s']:.0f} s: {pts['measured']} points measured, "
+                     f"{pts['interpolated']} interpolated")
             tid = _file_id(path)
             _store_anchors(anchors_path(cfg, graph, cache, path, tid), table.calibration, tid, setting)
             return TableInfo(table, path, time.perf_counter() - t0, False, tid, anchor_id(table.calibration), True)

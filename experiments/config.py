@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import baselines  # noqa: F401  (registers magnitude, taylor and eagleeye)
 from halp.latency.backends import Setting
 from halp.latency.cost import COUT_MODES, OVERHEAD_MODES
+from halp.latency.refine import Refinement
 from halp.pruners import PruneConfig, method_config, pruner_names
 
 from .data import DataConfig
@@ -40,6 +41,10 @@ class LatencyConfig(Setting):
     batch: int = 32
     step: int = 8
     rounds: int = 5
+    refine: bool = True        # coarse lattice refined where latency bends, the rest interpolated (False: every point)
+    refine_tol: float = 0.03   # a cell is accepted when interpolation predicts its midpoints this well
+    refine_budget: float = 0.3  # measure at most this fraction of the reachable points
+    time_limit_s: float = 3600.0  # a table build's wall-time bound (past it: refinement stops, rest interpolated)
     cost: str = "latency"      # the constrained resource: latency (the table's) | macs (FLOPs-aware)
     overhead: str = "anchors"
     conv_only: bool = False
@@ -57,6 +62,18 @@ class LatencyConfig(Setting):
             raise ValueError(f"latency.cost must be 'latency' or 'macs', got {self.cost!r}")
         if self.cout_mode not in COUT_MODES:
             raise ValueError(f"latency.cout_mode must be one of {', '.join(COUT_MODES)}, got {self.cout_mode!r}")
+        if self.time_limit_s <= 0:
+            raise ValueError(f"latency.time_limit_s must be positive seconds, got {self.time_limit_s}")
+        self.refinement()  # validates refine_tol and refine_budget
+
+    def refinement(self) -> Refinement:
+        """How the table build samples its grid (:mod:`halp.latency.refine`)."""
+        if not self.refine:
+            return Refinement.off()
+        try:
+            return Refinement(tol=self.refine_tol, budget=self.refine_budget)
+        except ValueError as e:
+            raise ValueError(f"latency.{e}".replace("refine ", "refine_", 1)) from None
 
     def setting(self) -> Setting:
         return Setting(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Setting)})

@@ -196,7 +196,7 @@ class ChannelGraph:
                 li = dataclasses.replace(li, in_groups=tuple(feeding),
                                          in_fixed=li.in_channels - sum(feeding.values()))
             layers[name] = li
-        stems = {n for n, li in layers.items() if li.kind == "conv" and n not in fed}
+        stems = {n for n, li in layers.items() if _reads_image(n, li, fed)}
         blocks = find_residual_blocks(model)
         for g in groups.values():
             g.contains_stem = any(n in stems for n in g.out_layers)
@@ -211,7 +211,7 @@ class ChannelGraph:
     def stem_layers(self) -> list[str]:
         """Convs reading the image: their input channels are never pruned."""
         fed = {mem.layer for g in self.groups.values() for mem in g.members if mem.role == "in"}
-        return [n for n, li in self.layers.items() if li.kind == "conv" and n not in fed]
+        return [n for n, li in self.layers.items() if _reads_image(n, li, fed)]
 
     @property
     def output_layers(self) -> list[str]:
@@ -396,3 +396,8 @@ def _enclosing_branch(group: ChannelGroup, blocks: dict) -> str | None:
         if all(n.startswith(prefix) and not (shortcut and n.startswith(shortcut)) for n in layers):
             return block_name
     return None
+
+
+def _reads_image(name: str, li: LayerInfo, fed: set[str]) -> bool:
+    """A conv that no channel group feeds (a depthwise conv is fed through the group it shares)."""
+    return li.kind == "conv" and name not in fed and li.in_group is None and not li.in_groups

@@ -113,3 +113,13 @@ def test_graph_does_not_change_model_mode_or_weights():
     ChannelGraph.build(model, (1, 28, 28))
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("spec", ["halp:mobilenetv2", "timm:mobilenetv1_100"])
+def test_only_the_group_the_image_conv_writes_is_the_stem(spec):
+    # a depthwise conv is fed through the group it shares, so it is no stem (a regression:
+    # every group a depthwise conv touched was once taken for the stem and never pruned)
+    g = ChannelGraph.build(create_model(spec, num_classes=10, in_chans=3), (3, 32, 32))
+    assert [gid for gid, grp in g.groups.items() if grp.contains_stem] == [g.layers[g.stem_layers[0]].out_group]
+    assert len(g.stem_layers) == 1
+    assert len(g.prunable_groups(include_stem=False)) == len(g.prunable_groups()) - 1

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..graph import ChannelGraph
 from ..latency.anchors import anchor_ms
 from ..latency.backends import Setting, cpu_name, get_backend
-from ..latency.build import build_table, parse_shard, plan_build
+from ..latency.build import TIME_LIMIT_S, build_table, describe_plan, estimate_build, parse_shard, plan_build
+from ..latency.refine import Refinement
 from ..latency.calibration import recalibrate
 from ..latency.cost import CostModel
 from ..latency.quality import chunk_sizes, monotonicity_violations, noise_summary, smooth_monotone
@@ -55,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lsub = p.add_subparsers(dest="lut_command", metavar="SUBCOMMAND", required=True)
 
     b = lsub.add_parser("build", help="measure a latency table for a model on this device",
-                        description="Measure every (c_in, c_out) point the model's layers can reach. "
+                        description="Measure the (c_in, c_out) points the model's layers can reach: a "
+                                    "coarse lattice, refined where latency bends, the rest interpolated "
+                                    "(--full measures all). Prints the plan and its estimated time first. "
                                     "Resumable (rerun the same command after an interruption) and "
                                     "shardable (--shard i/n, then `halp lut merge`).")
     add_model_args(b)
@@ -66,6 +69,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--shard", default=None, metavar="i/n", help="measure only the i-th of n disjoint parts")
     b.add_argument("--rounds", type=int, default=5, help="timed samples per point (default 5)")
     b.add_argument("--no-resume", action="store_true", help="discard an existing partial build")
+    b.add_argument("--full", action="store_true",
+                   help="measure every reachable point (default: coarse lattice, refined where the latency "
+                        "bends, the rest interpolated)")
+    b.add_argument("--refine-tol", type=float, default=Refinement.tol,
+                   help=f"accept a cell when its midpoints are within this relative error of interpolation "
+                        f"(default {Refinement.tol})")
+    b.add_argument("--refine-budget", type=float, default=Refinement.budget,
+                   help=f"measure at most this fraction of the reachable points (default {Refinement.budget}; never "
+                        "less than the coarse lattice and its first check)")
+    b.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, metavar="SECONDS",
+                   help=f"wall-time bound: past it refinement stops and the rest is interpolated (default "
+                        f"{TIME_LIMIT_S:.0f})")
     b.add_argument("--monotone", choices=("report", "enforce"), default="report",
                    help="report (default) points where more channels cost less, or enforce "
                         "monotone rows by isotonic regression (hides real cliffs)")
@@ -141,14 +156,16 @@ def run_build(args: argparse.Namespace) -> int:
         raise ValueError(f"backend {setting.backend} is not available: {why}")
     model, shape = model_from_args(args)
     graph = ChannelGraph.build(model, shape)
-    plan = plan_build(graph, args.model, setting, args.step, parse_shard(args.shard))
+    refine = Refinement.off() if args.full else Refinement(tol=args.refine_tol, budget=args.refine_budget)
+    plan = plan_build(graph, args.model, setting, args.step, parse_shard(args.shard), refine=refine)
     out = args.out or _default_out(args, shape, setting)
+    protocol = Protocol(rounds=args.rounds)
     print(f"{args.model} {shape} batch {setting.batch}, {setting.threads} thread(s), {setting.backend}, "
-          f"{setting.memory_format}: {len(plan.points)} points over {len({k for k, _, _ in plan.points})} units"
-          f"{f' (shard {args.shard})' if args.shard else ''} -> {out}")
+          f"{setting.memory_format}{f' (shard {args.shard})' if args.shard else ''} -> {out}")
+    print(describe_plan(plan, estimate_build(plan, protocol)), flush=True)
     t0 = time.perf_counter()
-    table = build_table(plan, out, Protocol(rounds=args.rounds), resume=not args.no_resume,
-                        progress=not args.quiet)
+    table = build_table(plan, out, protocol, resume=not args.no_resume, progress=not args.quiet,
+                        time_limit_s=args.time_limit)
     noise = noise_summary(table)
     viol = monotonicity_violations(table)
     if args.monotone == "enforce" and viol:
@@ -156,7 +173,9 @@ def run_build(args: argparse.Namespace) -> int:
         table.meta["monotone"] = "enforced"
         table.save(out)
         print(f"monotone rows enforced: {changed} entries changed")
-    print(f"built in {time.perf_counter() - t0:.0f}s: {noise['points']} points, median spread "
+    pts = table.meta["points"]
+    print(f"built in {time.perf_counter() - t0:.0f}s: {pts['measured']} points measured, {pts['interpolated']} "
+          f"interpolated ({pts['reachable']} reachable), median spread "
           f"{noise['median_spread']:.1%} (p90 {noise['p90_spread']:.1%}), {noise['remeasured']} re-measured, "
           f"{len(viol)} monotonicity violations; dense model {anchor_ms(table.calibration, 'dense'):.3f} ms")
     return 0

@@ -24,12 +24,16 @@ from ..progress import progress_bar
 from .backends import Backend, Setting, get_backend
 from .calibration import calibrate
 from .table import Entry, LatencyTable
+from .refine import Refinement, Refiner
 from .timing import Protocol, measure
 from .units import UnitSpec, enumerate_points, model_units
 
 
 @dataclass
 class BuildPlan:
+    """What a build measures: every ``(c_in, c_out)`` point the pruner can reach (``points``), of
+    which a coarse-then-refine build measures at most ``announced`` and interpolates the rest."""
+
     graph: ChannelGraph
     model_name: str
     setting: Setting
@@ -37,10 +41,25 @@ class BuildPlan:
     units: dict[str, UnitSpec]
     points: list[tuple[str, int, int]]
     shard: tuple[int, int] | None = None
+    refine: Refinement = dataclasses.field(default_factory=Refinement)
 
     @property
     def specs(self) -> dict[str, UnitSpec]:
         return {u.key: u for u in self.units.values()}
+
+    def by_unit(self) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for key, ci, co in self.points:
+            out.setdefault(key, []).append((ci, co))
+        return out
+
+    def refiner(self) -> Refiner:
+        return Refiner(self.by_unit(), self.refine)
+
+    @property
+    def announced(self) -> int:
+        """The most points this build measures."""
+        return self.refiner().budget
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -56,25 +75,85 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def plan_build(graph: ChannelGraph, model_name: str, setting: Setting, step: int,
-               shard: tuple[int, int] | None = None, include_stem: bool = True) -> BuildPlan:
-    """Enumerate the points to measure: every group moves by ``step`` channels."""
+               shard: tuple[int, int] | None = None, include_stem: bool = True,
+               refine: Refinement | None = None) -> BuildPlan:
+    """Enumerate the points the pruner can reach: every prunable group on its grid of ``step``
+    channels (a multiple of its slicing), the others at full width. ``shard=(i, n)`` keeps the
+    i-th of n parts: whole units (a unit refines over its own grid), balanced by point count."""
     if step < 1:
         raise ValueError(f"--step must be a positive number of channels, got {step}")
     if not graph.layers:
         raise ValueError("the model has no conv or linear layer to measure")
     steps = {gid: g.grid_step(step) for gid, g in graph.groups.items()}
     units = model_units(graph)
-    pts = [(k, ci, co) for k, v in enumerate_points(graph, units, steps).items() for ci, co in v]
+    per_unit = enumerate_points(graph, units, steps)
     if shard is not None:
-        pts = pts[shard[0]::shard[1]]
-    return BuildPlan(graph, model_name, setting, steps, units, pts, shard)
+        load = [0] * shard[1]
+        mine = set()
+        for key in sorted(per_unit, key=lambda k: (-len(per_unit[k]), k)):  # largest first, to the lightest
+            part = min(range(shard[1]), key=lambda i: (load[i], i))
+            load[part] += len(per_unit[key])
+            if part == shard[0]:
+                mine.add(key)
+        per_unit = {k: v for k, v in per_unit.items() if k in mine}
+    pts = [(k, ci, co) for k, v in per_unit.items() for ci, co in v]
+    return BuildPlan(graph, model_name, setting, steps, units, pts, shard, refine or Refinement())
+
+
+def describe_plan(plan: BuildPlan, estimate: "Estimate | None" = None) -> str:
+    """A few lines for the log: points, the estimated time and what dominates it."""
+    n_units = len({k for k, _, _ in plan.points})
+    lines = [f"latency table plan: {len(plan.points)} reachable points over {n_units} units; "
+             + (f"coarse-then-refine measures at most {plan.announced} of them"
+                if plan.refine.start > 1 else "every point measured")]
+    if estimate is not None:
+        t = estimate.seconds
+        lines.append(f"  estimated {f'{t / 60:.1f} min' if t >= 90 else f'{t:.0f} s'} ({estimate.samples} samples); "
+                     "most of it: " + ", ".join(f"{k} {100 * s:.0f} %" for k, s in estimate.top))
+    return "\n".join(lines)
+
+
+@dataclass
+class Estimate:
+    seconds: float
+    samples: int
+    top: list[tuple[str, float]]  # (unit, share of the time), largest first
+
+
+def estimate_build(plan: BuildPlan, protocol: Protocol, backend: Backend | None = None) -> Estimate:
+    """Time each unit once at its largest point and scale by MACs: a rough (±50 %) forecast of
+    the build's wall time, enough to say what dominates it. Takes about a second per unit."""
+    by_unit = plan.by_unit()
+    share = plan.announced / max(len(plan.points), 1)  # refinement measures this fraction (at most)
+    specs = plan.specs
+    cost: dict[str, float] = {}
+    backend = backend or get_backend(plan.setting)
+    with backend:
+        for key, pts in by_unit.items():
+            ci, co = max(pts, key=lambda p: p[0] * p[1])
+            x = specs[key].example_input(plan.setting.batch, ci)
+            run = backend.prepare(specs[key].build(ci, co, fused=True), x, None)
+            run()
+            t_max = min(backend.time_ms(run, 1) for _ in range(3))
+            size = ci * co
+            total = 0.0
+            for pci, pco in pts:
+                t = max(t_max * pci * pco / size, 0.005)
+                per_sample = max(protocol.sample_ms, t) + protocol.warm_calls * t
+                # fused units are timed twice (the unit, and its conv alone)
+                total += (2 if specs[key].fused else 1) * (protocol.rounds * per_sample + 3 * t + 2.0)
+            cost[key] = total * share / 1000
+    total = sum(cost.values()) or 1.0
+    top = sorted(((k, v / total) for k, v in cost.items()), key=lambda kv: -kv[1])[:3]
+    return Estimate(total, plan.announced * protocol.rounds, top)
 
 
 def _signature(plan: BuildPlan, backend: Backend, protocol: Protocol) -> dict:
     return {"model": plan.model_name, "input_shape": list(plan.graph.input_shape),
             "setting": {**plan.setting.__dict__, "memory_format": plan.setting.memory_format},
             "device": backend.device()["name"], "versions": backend.versions(), "steps": plan.steps,
-            "shard": list(plan.shard) if plan.shard else None, "protocol": protocol.to_dict()}
+            "shard": list(plan.shard) if plan.shard else None, "protocol": protocol.to_dict(),
+            "refine": plan.refine.to_dict()}
 
 
 def _read_partial(path: Path, signature: dict) -> dict[tuple[str, int, int], Entry]:
@@ -113,11 +192,24 @@ def _append(path: Path, lines: list[dict]) -> None:
 
 
 MAX_POOL_MB = 128.0
+TIME_LIMIT_S = 3600.0
+
+
+class BuildTimeLimit(ValueError):
+    """The build's time limit passed before its coarse lattice was measured."""
 
 
 def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | None = None,
-                resume: bool = True, chunk: int = 24, progress: bool = True) -> LatencyTable:
-    """Measure every point of ``plan`` and write the table to ``out``.
+                resume: bool = True, chunk: int = 24, progress: bool = True,
+                time_limit_s: float | None = TIME_LIMIT_S) -> LatencyTable:
+    """Measure ``plan`` (coarse, then refined where the latency surface bends; see
+    :mod:`~halp.latency.refine`), interpolate the other reachable points, and write the table.
+
+    The build measures at most ``plan.announced`` points, each with the protocol's rounds plus at
+    most its re-measuring budget. ``time_limit_s`` bounds the wall time: past it, refinement stops
+    and what is left is interpolated; if even the coarse lattice is unfinished, the build stops
+    with :class:`BuildTimeLimit` (the measured points stay in ``OUT.partial`` and a rerun resumes).
+    Points that stayed noisier than the protocol allows are listed in ``meta["noisy"]``.
 
     By default the protocol's weight pool is the size of the model's parameters (at most
     ``MAX_POOL_MB``), so each unit sees the cache pressure of the whole network."""
@@ -131,6 +223,10 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
     partial = out.with_name(out.name + ".partial")
     backend = get_backend(plan.setting)
     t_start = time.perf_counter()
+    deadline = None if time_limit_s is None else t_start + time_limit_s
+    refiner = plan.refiner()
+    specs = plan.specs
+    noisy: dict[tuple[str, int, int], float] = {}
     with backend:
         sig = _signature(plan, backend, protocol)
         done = _read_partial(partial, sig) if (resume and partial.exists()) else {}
@@ -139,52 +235,98 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
         if not partial.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             _append(partial, [{"signature": sig}])
-        todo = [p for p in plan.points if p not in done]
-        specs = plan.specs
-        bar = progress_bar(total=len(todo) * protocol.rounds, unit="sample", enabled=progress,
-                   desc=f"LUT {plan.model_name}" + (f" shard {plan.shard[0]}/{plan.shard[1]}" if plan.shard else ""),
-                   initial=0)
+        bar = progress_bar(total=refiner.budget * protocol.rounds, unit="sample", enabled=progress,
+                           desc=f"LUT {plan.model_name}" + (f" shard {plan.shard[0]}/{plan.shard[1]}" if plan.shard else ""))
         if done:
-            bar.write(f"resuming: {len(done)} of {len(plan.points)} points already measured")
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            runners, slots = [], []  # slots[k] = (runner of the unit, runner of its conv alone)
-            for key, ci, co in part:
-                spec = specs[key]
-                x = spec.example_input(plan.setting.batch, ci)
-                runners.append(backend.prepare(spec.build(ci, co, fused=True), x, pool))
-                fused_i = conv_i = len(runners) - 1
-                if spec.fused:  # also the conv alone: the reference method's cost
-                    runners.append(backend.prepare(spec.build(ci, co, fused=False), x, pool))
-                    conv_i = len(runners) - 1
-                slots.append((fused_i, conv_i))
-            timings = measure(backend, runners, protocol,
-                              tick=lambda n: bar.update(n * len(part) / len(runners)))
-            rows = []
-            for (key, ci, co), (fi, cj) in zip(part, slots):
-                t = timings[fi]
-                conv_ms = timings[cj].ms
-                done[(key, ci, co)] = Entry(t.ms, t.spread, t.samples, conv_ms)
-                rows.append({"u": key, "ci": ci, "co": co, "ms": t.ms, "sp": t.spread,
-                             "n": t.samples, "cms": conv_ms})
-            _append(partial, rows)
+            bar.write(f"resuming: {len(done)} points already measured")
+
+        def tick(n: float) -> None:
+            if bar.n + n > bar.total:  # re-measuring noisy points: the bar says so, within its budget
+                bar.total = int(bar.n + n + 0.5)
+            bar.update(n)
+
+        def measure_all(points: list[tuple[str, int, int]]) -> bool:
+            """Measure the points not measured yet; False if the deadline stopped it."""
+            todo = [p for p in points if p not in done]
+            bar.update(protocol.rounds * (len(points) - len(todo)))
+            for start in range(0, len(todo), chunk):
+                if deadline is not None and time.perf_counter() > deadline:
+                    return False
+                part = todo[start:start + chunk]
+                runners, slots = [], []  # slots[k] = (runner of the unit, runner of its conv alone)
+                for key, ci, co in part:
+                    spec = specs[key]
+                    x = spec.example_input(plan.setting.batch, ci)
+                    runners.append(backend.prepare(spec.build(ci, co, fused=True), x, pool))
+                    fused_i = conv_i = len(runners) - 1
+                    if spec.fused:  # also the conv alone: the reference method's cost
+                        runners.append(backend.prepare(spec.build(ci, co, fused=False), x, pool))
+                        conv_i = len(runners) - 1
+                    slots.append((fused_i, conv_i))
+                timings = measure(backend, runners, protocol, tick=lambda n: tick(n * len(part) / len(runners)))
+                rows = []
+                for pt, (fi, cj) in zip(part, slots):
+                    t = timings[fi]
+                    done[pt] = Entry(t.ms, t.spread, t.samples, timings[cj].ms)
+                    if t.noisy:
+                        noisy[pt] = t.spread
+                    rows.append({"u": pt[0], "ci": pt[1], "co": pt[2], "ms": t.ms, "sp": t.spread,
+                                 "n": t.samples, "cms": timings[cj].ms})
+                _append(partial, rows)
+            return True
+
+        if not measure_all(refiner.first()):
+            bar.close()
+            have = sum(p in done for p in refiner.first())
+            raise BuildTimeLimit(
+                f"the latency table build reached its time limit ({time_limit_s:.0f} s) after measuring {have} of "
+                f"{len(refiner.first())} coarse points; they are kept in {partial} and a rerun resumes there "
+                "(raise the limit: --time-limit / latency.time_limit_s)")
+        stopped = None
+        while True:
+            value = {p: e.ms for p, e in done.items()}
+            spread = {p: e.spread for p, e in done.items()}
+            todo = refiner.next(value, spread, len(done), stop=stopped is not None)
+            if not todo:
+                break
+            if not measure_all(todo):
+                stopped = "time limit"
         bar.close()
+        if noisy:
+            worst = max(noisy.values())
+            bar.write(f"{len(noisy)} of {len(done)} points stayed noisier than {protocol.max_spread:.0%} after their "
+                      f"re-measuring budget (worst spread {worst:.0%}): the machine is busy; their medians are kept "
+                      "and listed in the table's meta.noisy")
         calibration = calibrate(plan.graph, plan.steps, backend)
         device, versions = backend.device(), backend.versions()
+    cms = refiner.fill({p: e.conv_ms for p, e in done.items()})
+    ms = refiner.fill({p: e.ms for p, e in done.items()})
+    if refiner.unchecked and progress:
+        bar.write(f"refinement stopped by the {stopped or 'point budget'}: {refiner.unchecked} points interpolated "
+                  "from cells it could not check")
+    n_measured = sum(1 for v in ms.values() if v[1])
     table = LatencyTable(
         meta={"model": plan.model_name, "input_shape": list(plan.graph.input_shape),
               "num_classes": next((plan.graph.layers[n].out_channels for n in plan.graph.output_layers), None),
               "setting": sig["setting"], "device": device, "versions": versions,
-              "protocol": protocol.to_dict(), "host": platform.node(),
+              "protocol": protocol.to_dict(), "refine": plan.refine.to_dict(), "host": platform.node(),
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "shard": {"index": plan.shard[0], "count": plan.shard[1]} if plan.shard else None,
-              "wall_s": round(time.perf_counter() - t_start, 1)},
+              "wall_s": round(time.perf_counter() - t_start, 1),
+              "points": {"reachable": len(plan.points), "announced": refiner.budget, "measured": len(done),
+                         "interpolated": len(plan.points) - n_measured, "unchecked": refiner.unchecked,
+                         "stopped": stopped},
+              "noisy": {"count": len(noisy), "max_spread": protocol.max_spread,
+                        "worst": [[k, ci, co, round(sp, 4)] for (k, ci, co), sp in
+                                  sorted(noisy.items(), key=lambda kv: -kv[1])[:20]]}},
         layers={n: u.key for n, u in plan.units.items()},
         groups={gid: {"width": g.width, "step": plan.steps[gid]} for gid, g in plan.graph.groups.items()},
         calibration=calibration,
     )
     for key, ci, co in plan.points:
-        table.add(key, specs[key], ci, co, done[(key, ci, co)])
+        (m, was_measured), (c, _) = ms[(key, ci, co)], cms[(key, ci, co)]
+        e = done[(key, ci, co)] if was_measured else Entry(m, 0.0, 0, c)
+        table.add(key, specs[key], ci, co, e)
     table.save(out)
     partial.unlink(missing_ok=True)
     return table

@@ -218,6 +218,9 @@ def match_layers(graph: ChannelGraph, table: LatencyTable) -> dict[str, str]:
                              f"({g.width} channels) is {'missing' if tg is None else 'different'} in it")
     for name, spec in units.items():
         key = table.layers.get(name)
+        if key is not None and key not in table.units and key == spec.key:
+            raise ValueError(f"latency table is incomplete: unit {key} of layer {name} has no entries "
+                             "(interrupted build, or not all shards merged?)")
         if key is None or key not in table.units:
             key = _find_unit(table, spec)
         if key is None:

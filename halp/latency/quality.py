@@ -10,11 +10,14 @@ from .units import reachable_widths
 
 
 def noise_summary(table: LatencyTable) -> dict:
-    """Median / 90th percentile of the relative spread of repeats, and how many were re-measured."""
-    spreads = np.array(table.spreads()) if table.n_points else np.zeros(1)
+    """Median / 90th percentile of the relative spread of repeats of the measured points (not the
+    interpolated ones), and how many were re-measured."""
+    entries = [e for v in table.entries.values() for e in v.values()]
+    measured = [e for e in entries if e.samples > 0] or entries  # imported tables record no samples
+    spreads = np.array([e.spread for e in measured]) if measured else np.zeros(1)
     rounds = int(table.meta.get("protocol", {}).get("rounds", 0))
-    remeasured = sum(e.samples > rounds for v in table.entries.values() for e in v.values()) if rounds else 0
-    return {"points": table.n_points, "units": len(table.units),
+    remeasured = sum(e.samples > rounds for e in measured) if rounds else 0
+    return {"points": table.n_points, "units": len(table.units), "measured": len(measured),
             "median_spread": float(np.median(spreads)), "p90_spread": float(np.percentile(spreads, 90)),
             "max_spread": float(spreads.max()), "remeasured": remeasured}
 

@@ -199,6 +199,21 @@ def load_reference(path: str | os.PathLike, **kw) -> LatencyTable:
     return from_reference(data, **kw)
 
 
+# meta fields that differ between the parts of one build
+PER_PART = ("shard", "created", "wall_s", "host", "points", "noisy")
+
+
+def _combine(values: list):
+    """One field of the parts' ``points`` / ``noisy`` meta: counts add, limits are the largest."""
+    if all(type(v) is int for v in values):
+        return sum(values)
+    if all(type(v) is float for v in values):
+        return max(values)
+    if all(isinstance(v, list) for v in values):
+        return [x for v in values for x in v]
+    return next((v for v in values if v is not None), None)
+
+
 def merge(parts: list[LatencyTable], allow_partial: bool = False) -> LatencyTable:
     """Join shards of one build. Their settings, model and device must match; shards disjoint."""
     if not parts:
@@ -206,7 +221,7 @@ def merge(parts: list[LatencyTable], allow_partial: bool = False) -> LatencyTabl
     base = parts[0]
 
     def sig(t: LatencyTable) -> dict:
-        return {k: v for k, v in t.meta.items() if k not in ("shard", "created", "wall_s", "host")}
+        return {k: v for k, v in t.meta.items() if k not in PER_PART}
     shards = set()
     out = LatencyTable(meta={k: v for k, v in base.meta.items() if k != "shard"}, layers=dict(base.layers),
                        groups=dict(base.groups), calibration=base.calibration)
@@ -224,6 +239,9 @@ def merge(parts: list[LatencyTable], allow_partial: bool = False) -> LatencyTabl
                 if pt in out.entries.get(key, {}):
                     raise ValueError(f"parts overlap at {key} {pt}: were they built with the same --shard?")
                 out.add(key, t.units[key], pt[0], pt[1], e)
+    for k in ("points", "noisy"):  # counts add up over the parts
+        if all(isinstance(t.meta.get(k), dict) for t in parts):
+            out.meta[k] = {f: _combine([t.meta[k].get(f) for t in parts]) for f in base.meta[k]}
     counts = {c for _, c in shards}
     if len(counts) > 1:
         raise ValueError(f"parts come from different shard counts: {sorted(counts)}")

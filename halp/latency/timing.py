@@ -7,7 +7,10 @@
    with ``warm_calls`` untimed calls: the workload before it evicted this one's weights from the
    caches, and a deployed model that runs back to back does not pay that.
 3. Statistic: the median of the samples; spread = interquartile range / median.
-4. Workloads whose spread exceeds ``max_spread`` get more rounds (at most ``max_extra`` times).
+4. Workloads whose spread exceeds ``max_spread`` get more rounds (at most ``max_extra`` times),
+   noisiest first, within ``extra_budget`` × the samples of step 2: on a machine too noisy for
+   the protocol, measuring stops at a known cost and the workloads still too noisy say so
+   (``Timing.noisy``) instead of being measured again and again.
 
 Table builds also set ``weight_pool_mb``: a unit then reads its weights from a rotating slice of a
 pool as large as the model's parameters (capped at ``max_pool_mb``), because inside the network
@@ -34,6 +37,7 @@ class Protocol:
     max_spread: float = 0.08
     extra_rounds: int = 4
     max_extra: int = 2
+    extra_budget: float = 0.2
     warm_calls: int = 1
     weight_pool_mb: float | None = None
     seed: int = 0
@@ -41,6 +45,8 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.extra_budget < 0:
+            raise ValueError(f"extra_budget must be >= 0, got {self.extra_budget}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +58,7 @@ class Timing:
     spread: float
     samples: int
     remeasured: bool = False
+    noisy: bool = False  # still above the protocol's max_spread when its re-measuring budget ran out
 
 
 def summarize(samples: Sequence[float]) -> tuple[float, float]:
@@ -86,14 +93,18 @@ def measure(backend: Backend, runners: Sequence[Runner], protocol: Protocol,
 
     do_rounds(list(range(n)), protocol.rounds)
     remeasured = set()
+    left = int(protocol.extra_budget * n * protocol.rounds)
     for _ in range(protocol.max_extra):
-        noisy = [i for i in range(n) if summarize(samples[i])[1] > protocol.max_spread]
+        spread = {i: summarize(samples[i])[1] for i in range(n)}
+        noisy = sorted((i for i in range(n) if spread[i] > protocol.max_spread), key=lambda i: -spread[i])
+        noisy = noisy[:left // max(protocol.extra_rounds, 1)]
         if not noisy:
             break
         remeasured.update(noisy)
+        left -= len(noisy) * protocol.extra_rounds
         do_rounds(noisy, protocol.extra_rounds)
     out = []
     for i in range(n):
         ms, spread = summarize(samples[i])
-        out.append(Timing(ms, spread, len(samples[i]), i in remeasured))
+        out.append(Timing(ms, spread, len(samples[i]), i in remeasured, spread > protocol.max_spread))
     return out
