@@ -6,7 +6,7 @@ that fails), which groups cannot be pruned (listed once; every method, the ancho
 model leave them at full width), the anchors' masks, a slim round trip at random widths, the
 latency table's plan (every unit can be built at its smallest widths), and the latency floor
 against the target (measured end to end: the dense model against every prunable group at its
-smallest width, or counted in MACs for a MACs budget).
+smallest width; predicted by the table when the job is given one; counted for a MACs budget).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from halp.counting import count
 from halp.graph import ChannelGraph
 from halp.latency.anchors import anchor_widths
 from halp.latency.build import plan_build
+from halp.latency.cost import CostModel
+from halp.latency.table import LatencyTable
 from halp.masks import ChannelMasks
 from halp.pruners.base import floor_widths, percent
 from halp.roundtrip import roundtrip
@@ -88,17 +90,20 @@ def preflight(cfg: JobConfig, input_shape: tuple[int, ...], num_classes: int, me
         except Exception as e:  # a unit the table could never measure
             raise ValueError(f"latency table unit {key} cannot be built at (c_in, c_out)=({ci}, {co}): {e}") from None
 
-    floor_ratio = None
+    floor_ratio, how = None, "measured end to end"
     if pruning:
         floor = floor_widths(graph, prunable, cfg.prune, steps)
         if cfg.latency.cost == "macs":
             floor_ratio = count(graph, floor).macs / count(graph).macs
+        elif cfg.latency.table:  # the job prices with this table: its prediction is the floor that counts
+            floor_ratio = _table_floor(cfg, graph, floor)
+            how = "predicted by the given latency table"
         elif measure_floor:
             smallest = slim_model(graph, ChannelMasks.prefix(graph, floor)).eval()
             dense_t, floor_t = measure_latency(cfg, [model, smallest], input_shape, rounds=3)
             floor_ratio = floor_t.ms / dense_t.ms
         if floor_ratio is not None and cfg.prune.target < FLOOR_SLACK * floor_ratio:
-            what, how = ("MACs", "counted") if cfg.latency.cost == "macs" else ("latency", "measured end to end")
+            what, how = ("MACs", "counted") if cfg.latency.cost == "macs" else ("latency", how)
             raise ValueError(f"target {percent(cfg.prune.target)} of dense is below this model's {what} floor, about "
                              f"{percent(floor_ratio)} of dense ({how}) with every prunable group at its smallest width; "
                              "raise prune.target" + ("" if cfg.prune.allow_vanish else ", or set prune.allow_vanish=true"))
@@ -110,3 +115,14 @@ def preflight(cfg: JobConfig, input_shape: tuple[int, ...], num_classes: int, me
     del model, graph
     torch.manual_seed(cfg.seed)  # the dense model is built next from the same seed
     return found
+
+
+def _table_floor(cfg: JobConfig, graph: ChannelGraph, floor: dict[str, int]) -> float | None:
+    """The floor as a fraction of dense predicted by the table the job was given; None when the
+    table does not load or fit (the job's own table checks then say why, in its words)."""
+    try:
+        table = LatencyTable.load(cfg.latency.table)
+        cost = CostModel.create(graph, table, **cfg.latency.cost_options())
+        return cost.total_ms(floor) / cost.total_ms(graph.full_widths())
+    except (ValueError, FileNotFoundError, KeyError):
+        return None
