@@ -75,6 +75,17 @@ def check_writable(run_dir: Path) -> None:
                               "choose another with hydra.run.dir=... or fix its permissions")
 
 
+def completed_record(cfg: JobConfig, run_dir: Path) -> dict | None:
+    """The record in ``run_dir`` if it is this very job's (same config), else ``None``."""
+    path = run_dir / "result.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = json.loads(json.dumps(asdict(cfg), default=str)) == rec.get("config")
+    return rec if same else None
+
+
 def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
     """Run the whole job in ``run_dir`` (checkpoints, masks, slim model, result.json).
 
@@ -84,6 +95,11 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
         raise NotImplementedError("detection (SSD on VOC) is not wired into the job yet; the ssd_voc preset is a "
                                   "placeholder that records the paper's setting (see the detection issue)")
     run_dir = Path(run_dir)
+    done = completed_record(cfg, run_dir)
+    if done is not None:  # a rerun sweep resumes: finished jobs are not run twice
+        log.info(f"{run_dir} already holds this job's result (commit {done.get('git_commit')}); skipping it. "
+                 "Delete its result.json, or use another run directory, to run it again")
+        return done
     de = distributed.init(cfg.dist_backend)
     if de.is_main:
         check_writable(run_dir)

@@ -58,6 +58,12 @@ def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
     # (anchors are re-measured for the second job, so compare fractions of the dense prediction)
     frac = [x["pruned"]["predicted_ms"] / x["dense"]["predicted_ms"] for x in (r, r2)]
     assert frac[0] <= 0.95 + 1e-9 and frac[1] <= 0.98 + 1e-9 and frac[1] >= frac[0] - 0.02
+    # rerunning a sweep resumes it: the same job in the same directory returns its record, untouched
+    before = (tmp_path / "run2" / "result.json").stat().st_mtime_ns
+    again = run_job(tiny(tmp_path, True, prune=PruneConfig(target=0.98, interval=2, steps=3, chunk=4, allow_vanish=True)),
+                    tmp_path / "run2")
+    assert again == json.loads((tmp_path / "run2" / "result.json").read_text())
+    assert (tmp_path / "run2" / "result.json").stat().st_mtime_ns == before
 
 
 def test_bad_inputs_stop_before_any_result(tmp_path):

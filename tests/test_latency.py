@@ -403,3 +403,16 @@ def test_table_from_another_torch_is_refused_and_each_interface_names_its_switch
     del table.meta["versions"]
     with pytest.warns(UserWarning, match="records no torch version"):
         assert table.check_setting(setting, dev) == []
+
+
+def test_weight_views_start_64_byte_aligned_like_real_weights():
+    from halp.latency.backends import _weight_views
+    pool = torch.randn(10_000)[3:]  # a pool that itself starts off the 64-byte grid
+    for shape in ((296, 1, 5, 5), (7, 3, 3, 3), (10, 13)):
+        w = torch.empty(shape)
+        views = _weight_views(pool, w, channels_last=False)
+        assert len(views) == (pool.numel() - 13 - w.numel()) // (-(-w.numel() // 16) * 16) + 1
+        assert all(v.data_ptr() % 64 == 0 and v.shape == w.shape for v in views)
+        assert views[-1].data_ptr() + 4 * w.numel() <= pool.data_ptr() + 4 * pool.numel()
+    big = torch.empty(20_000)  # larger than the pool: its own weights
+    assert _weight_views(pool, big, channels_last=False)[0].data_ptr() == big.data_ptr()

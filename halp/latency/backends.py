@@ -168,10 +168,19 @@ class Backend:
         return (time.perf_counter() - t0) * 1e3 / n
 
 
+ALIGN_BYTES = 64  # PyTorch's CPU allocator aligns every tensor to 64 bytes; so must our weight views
+
+
 def _weight_views(pool: torch.Tensor, weight: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
+    """Views of ``pool`` shaped like ``weight``, each starting 64-byte aligned as a real weight
+    would (a misaligned depthwise weight measured up to 1.5x slower, and views alternating between
+    alignments made a unit's repeats disagree by tens of per cent)."""
     n = weight.numel()
-    count = max(1, pool.numel() // n)
-    views = [pool[i * n:(i + 1) * n].view(weight.shape) for i in range(count)] if n <= pool.numel() \
+    per = ALIGN_BYTES // pool.element_size()
+    stride = -(-n // per) * per
+    skip = (-(pool.data_ptr() % ALIGN_BYTES) // pool.element_size()) % per  # the pool's first aligned element
+    count = (pool.numel() - skip - n) // stride + 1 if n + skip <= pool.numel() else 0
+    views = [pool[skip + i * stride: skip + i * stride + n].view(weight.shape) for i in range(count)] if count \
         else [weight.detach()]
     if channels_last and weight.dim() == 4:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views[:1]] * len(views)
