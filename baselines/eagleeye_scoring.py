@@ -39,8 +39,9 @@ def adaptive_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         m.momentum = None  # cumulative moving average
     model.train()
     n = 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for x in batches:
-        model(x)
+        model(x.to(device, non_blocking=True))
         n += 1
     for m, mom in zip(norms, momenta):
         m.momentum = mom
@@ -64,7 +65,7 @@ def calib_inputs(train_set: Dataset, index_lists: list[list[int]], seed: int):
 
 def norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the BatchNorm buffers (running statistics, batch counts): what adaptive BN sets."""
-    return {f"{n}.{b}" if n else b: t.detach().clone() for n, m in model.named_modules()
+    return {f"{n}.{b}" if n else b: t.detach().cpu().clone() for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for b, t in m.named_buffers(recurse=False) if t is not None}
 
@@ -91,6 +92,7 @@ def init_worker(payload: bytes | dict, threads: int) -> None:
         model = payload["model"]
     else:
         model = copy.deepcopy(payload["model"])
+    model.to(payload.get("device", "cpu"))  # scoring runs on the job's device (a copy: the caller's model is untouched)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _WORK.update(model=model, dense=dense, graph=ChannelGraph.build(model, payload["input_shape"]), **{
         k: payload[k] for k in ("train", "holdout", "calib", "seed", "eval_batch")})

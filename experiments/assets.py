@@ -24,10 +24,12 @@ from halp.latency.calibration import recalibrate
 from halp.latency.table import LatencyTable
 from halp.latency.timing import Protocol, measure
 from halp.models import create_model
+from halp.models.pretrained import load_pretrained
 
 from .config import JobConfig
 from .distributed import SINGLE, DistEnv, barrier, broadcast
 from .engine import Trainer
+from .runtime import CPU, Runtime
 
 log = logging.getLogger(__name__)
 ANCHORS_FORMAT = "halp-latency-anchors"
@@ -62,8 +64,15 @@ def _lock(stack: ExitStack, de: DistEnv, path: Path, what: str) -> None:
 
 
 def dense_path(cfg: JobConfig, cache: Path) -> Path:
-    """Where the dense model of ``cfg`` (model, data, dense recipe, seed) is cached."""
-    key = key_of(asdict(cfg.model), asdict(cfg.data), asdict(cfg.dense), cfg.seed)
+    """Where the dense model of ``cfg`` (model, data, dense recipe and precision, seed) is cached.
+    Loader knobs and the device do not change the model and are left out of the key; the key of
+    a recipe without amp or channels_last is the one it had before those settings existed."""
+    recipe = {k: v for k, v in asdict(cfg.dense).items() if k != "checkpoint"}
+    rt = cfg.trainer
+    recipe["amp"] = rt.amp == "bf16" if rt.amp in ("off", "bf16") else rt.amp  # the former bool (CPU bf16)
+    if rt.channels_last:
+        recipe["channels_last"] = True
+    key = key_of(asdict(cfg.model), cfg.data.identity(), recipe, cfg.seed)
     return cache / "dense" / f"{cfg.model.name.replace(':', '_')}-{key}.pt"
 
 
@@ -74,9 +83,13 @@ def new_model(cfg: JobConfig, num_classes: int, in_chans: int) -> torch.nn.Modul
     return create_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans, **kw)
 
 
-def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SINGLE) -> tuple[torch.nn.Module, dict]:
-    """Train the dense model once per (model, data, schedule, seed) and reuse it."""
+def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SINGLE,
+                runtime: Runtime = CPU) -> tuple[torch.nn.Module, dict]:
+    """Train the dense model once per (model, data, recipe, seed) and reuse it, or load
+    ``dense.checkpoint`` (a pretrained state dict) instead of training."""
     model = new_model(cfg, splits.num_classes, splits.input_shape[0])
+    if cfg.dense.checkpoint:
+        return _pretrained(cfg, model, splits, de, runtime)
     path = dense_path(cfg, cache)
     with ExitStack() as stack:
         _lock(stack, de, path, "training the dense model")
@@ -85,25 +98,43 @@ def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SING
             model.load_state_dict(blob["model"])
             log.info(f"dense model reused from {path} (top-1 {blob['metrics']['top1']:.2f}%)")
             return model, blob["metrics"] | {"train_seconds": 0.0, "checkpoint": str(path), "reused": True}
-        log.info(f"training the dense model for {cfg.dense.epochs} epoch(s)")
+        log.info(f"training the dense model for {cfg.dense.epochs} epoch(s) on {runtime.describe()}")
         trainer = Trainer(model, splits.train, splits.val, cfg.dense, checkpoint=path.with_suffix(".partial.pt"),
-                          progress=cfg.progress, dist=de)
+                          progress=cfg.progress, dist=de, runtime=runtime, loader=cfg.data.loader())
         trainer.try_resume()
         st = trainer.fit()
-        metrics = evaluate(model, splits.val, cfg.dense.eval_batch_size) if de.is_main else None
+        metrics = trainer.evaluate() if de.is_main else None
         metrics = broadcast(de, metrics)
         if de.is_main:
-            atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "metrics": metrics}, tmp))
+            state = {k: v.cpu() for k, v in model.state_dict().items()}  # a file any machine can read
+            atomic_write(path, lambda tmp: torch.save({"model": state, "metrics": metrics}, tmp))
             path.with_suffix(".partial.pt").unlink(missing_ok=True)
         barrier(de)
-    return model, metrics | {"train_seconds": st.train_seconds, "checkpoint": str(path), "reused": False}
+    return model, metrics | {"train_seconds": st.train_seconds, "checkpoint": str(path), "reused": False,
+                             "throughput": st.throughput()}
+
+
+def _pretrained(cfg: JobConfig, model: torch.nn.Module, splits: JobData, de: DistEnv,
+                runtime: Runtime) -> tuple[torch.nn.Module, dict]:
+    """The model with ``dense.checkpoint``'s weights, evaluated (no training)."""
+    report = load_pretrained(model, cfg.dense.checkpoint)
+    log.info(f"dense model loaded from {report.path} ({report.source}, {report.tensors} tensors); "
+             "no dense training")
+    metrics = None
+    if de.is_main:
+        runtime.model(model)
+        metrics = evaluate(model, splits.val, cfg.dense.eval_batch_size, device=runtime.device,
+                           memory_format=runtime.memory_format)
+    metrics = broadcast(de, metrics)
+    return model, metrics | {"train_seconds": 0.0, "checkpoint": str(report.path), "reused": True,
+                             "pretrained": report.source}
 
 
 def table_path(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> Path:
     s = cfg.latency
     shape = "x".join(map(str, graph.input_shape))
     name = (f"{cfg.model.name.replace(':', '_')}-w{cfg.model.width}-{shape}-b{s.batch}-t{s.threads}-"
-            f"{s.backend}{'-cl' if s.channels_last else ''}-s{s.step}")
+            f"{s.backend}{'-cl' if s.channels_last else ''}{'-' + s.dtype if s.dtype != 'float32' else ''}-s{s.step}")
     r = s.refinement()
     if r.start == 1:
         name += "-full"

@@ -20,9 +20,19 @@ from halp.pruners import PruneConfig, method_config, pruner_names
 
 from .data import DataConfig
 from .engine import TrainConfig
+from .runtime import RuntimeConfig
 from .tracking import LoggerConfig
 
 DENSE = "dense"  # not a pruner: records the unpruned model, measured like the others
+
+
+@dataclass
+class DenseConfig(TrainConfig):
+    """The dense model's training recipe, or ``checkpoint``: a local state dict (torchvision's or
+    timm's published files, a ``dense/*.pt`` of this project, a DDP ``module.`` prefix) that is
+    loaded instead of training. Nothing is downloaded."""
+
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -127,7 +137,8 @@ class JobConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    dense: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.1, warmup_epochs=0.2))
+    trainer: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dense: DenseConfig = field(default_factory=lambda: DenseConfig(epochs=3, lr=0.1, warmup_epochs=0.2))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.02))
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(target=0.5, interval=20, steps=10))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -138,6 +149,9 @@ class JobConfig:
     measure_rounds: int = 9
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dense, DenseConfig):  # a plain TrainConfig (or mapping) from Python callers
+            self.dense = DenseConfig(**(dataclasses.asdict(self.dense) if dataclasses.is_dataclass(self.dense)
+                                        else dict(self.dense)))
         self.method_name, self.method_cfg = resolve_method(self.method)
         # the record keeps the node in one shape: name, module (if any), every setting
         node = {"name": self.method_name}
@@ -148,6 +162,9 @@ class JobConfig:
         self.method = node
         if self.dist_backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
+        if self.dist_backend == "nccl" and self.trainer.device == "cpu":
+            raise ValueError("dist_backend=nccl needs trainer.device=cuda (NCCL carries only CUDA tensors); "
+                             "use gloo or auto on the CPU")
 
 
 # keys of records written before the method became a config node of its own (git 17fce40 and older)
@@ -159,7 +176,8 @@ _OLD_DATA_KEYS = ("batch_size", "eval_batch_size", "workers")
 def upgrade_record_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config`` of a ``result.json`` in today's layout. Records written before the method
     registry kept every baseline's settings beside ``method: <name>``, HALP's knobs under
-    ``prune`` and unused loader keys under ``data``; those are moved or dropped."""
+    ``prune`` and unused loader keys under ``data``; records written before ``trainer.*`` kept a
+    CPU-only ``amp`` flag per training phase. Those are moved or dropped."""
     cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
     if isinstance(cfg.get("method"), str):
         name = cfg["method"]
@@ -176,4 +194,8 @@ def upgrade_record_config(config: Mapping[str, Any]) -> dict[str, Any]:
         (cfg.get("prune") or {}).pop(key, None)
     for key in _OLD_DATA_KEYS:
         (cfg.get("data") or {}).pop(key, None)
+    # before trainer.* existed, dense.amp / finetune.amp (bool) meant bfloat16 autocast on the CPU
+    amp = [bool((cfg.get(phase) or {}).pop("amp")) for phase in ("dense", "finetune") if "amp" in (cfg.get(phase) or {})]
+    if amp and "trainer" not in cfg:
+        cfg["trainer"] = {"device": "cpu", "amp": "bf16" if any(amp) else "off"}
     return cfg

@@ -19,7 +19,8 @@ import os
 import pickle
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+
+from .batches import LoaderConfig
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -52,6 +55,21 @@ class DataConfig:
     train_subset: int | None = None  # only the first N training samples after a seeded shuffle
     holdout: int = 0                 # N training samples held out as a separate (un-augmented) split
     seed: int = 0
+    # how batches are loaded, never which (results do not depend on these)
+    workers: int = 0                 # loader worker processes (0: the training process loads)
+    pin_memory: bool = True          # pinned host memory for batches bound for a GPU (ignored on the CPU)
+    persistent_workers: bool = True  # keep evaluation workers alive between epochs
+    prefetch_factor: int = 2         # batches each worker loads ahead
+
+    LOADER_KEYS: ClassVar[tuple[str, ...]] = ("workers", "pin_memory", "persistent_workers", "prefetch_factor")
+
+    def loader(self) -> LoaderConfig:
+        """The loader knobs as the trainer takes them."""
+        return LoaderConfig(self.workers, self.pin_memory, self.persistent_workers, self.prefetch_factor)
+
+    def identity(self) -> dict:
+        """The fields that decide what the data are (cache keys leave the loader knobs out)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.LOADER_KEYS}
 
 
 @dataclass
@@ -331,9 +349,10 @@ def _check(cfg: DataConfig) -> Builder:
 
     for field in ("image_size", "synthetic_samples"):
         integer(field, 1)
-    for field in ("holdout", "seed"):
+    for field in ("holdout", "seed", "workers"):
         integer(field, 0)
     integer("synthetic_classes", 2)
+    integer("prefetch_factor", 1)
     if cfg.train_subset is not None:
         integer("train_subset", 1)
     shape = tuple(cfg.synthetic_shape)

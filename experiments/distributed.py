@@ -2,7 +2,9 @@
 
 A job runs as ``world`` processes started by torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
 ``MASTER_PORT``) or as Slurm tasks (``SLURM_PROCID``/``SLURM_NTASKS``, the first node of the job is
-the master, the port is derived from the job id). Gloo on the CPU, NCCL on GPUs (unverified here).
+the master, the port is derived from the job id). Gloo on the CPU, NCCL on GPUs (each rank on the
+GPU of its local rank, set by :meth:`experiments.runtime.RuntimeConfig.resolve` before joining;
+NCCL has not run on our CPU-only machines).
 
 Each process takes its shard of every global batch; DDP averages the gradients, so every rank
 computes the same saliency, and the pruning decision is taken on rank 0 and broadcast (so that
@@ -62,13 +64,24 @@ def detect() -> DistEnv:
     return SINGLE
 
 
-def init(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
-    """Join the job's process group if there is more than one process; return where we are."""
+def pick_backend(backend: str, device_type: str) -> str:
+    """The process-group backend for tensors on ``device_type``: NCCL carries only CUDA tensors,
+    so ``auto`` means NCCL on CUDA and gloo on the CPU, and NCCL with CPU tensors is an error."""
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError("dist_backend=nccl needs the model on CUDA (NCCL cannot carry CPU tensors); "
+                         "use dist_backend=gloo or auto with trainer.device=cpu")
+    return backend
+
+
+def init(backend: str = "auto", timeout_s: float = 1800.0, device_type: str = "cpu") -> DistEnv:
+    """Join the job's process group if there is more than one process; return where we are.
+    ``device_type`` is where the job's tensors live (see :func:`pick_backend`)."""
     de = detect()
     if not de.enabled or dist.is_initialized():
         return de
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = pick_backend(backend, device_type)
     if "MASTER_ADDR" not in os.environ:  # Slurm tasks: derive a rendezvous both ranks agree on
         os.environ["MASTER_ADDR"] = _first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)

@@ -39,6 +39,7 @@ from .engine import Preempted, Trainer
 from .preflight import Preflight, preflight
 from .figures import method_label
 from .preemption import PreemptionGuard
+from .runtime import CPU, Runtime
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,12 @@ def git_commit() -> str | None:
         return None
 
 
-def make_pruner(cfg: JobConfig, graph: ChannelGraph, cost: CostModel) -> Pruner:
+def make_pruner(cfg: JobConfig, graph: ChannelGraph, cost: CostModel, runtime: Runtime = CPU) -> Pruner:
     """The pruner ``cfg.method`` names, on the shared graph and cost model."""
     if cfg.method_name == DENSE:
         raise ValueError("method 'dense' does not prune")
-    context = PrunerContext(seed=cfg.seed, threads=cfg.finetune.threads, progress=cfg.progress)
+    context = PrunerContext(seed=cfg.seed, threads=cfg.finetune.threads, progress=cfg.progress,
+                            device=str(runtime.device))
     return create_pruner(cfg.method_name, graph, cost, cfg.prune, cfg.method_cfg, context)
 
 
@@ -100,12 +102,13 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
         log.info(f"{run_dir} already holds this job's result (commit {done.get('git_commit')}); skipping it. "
                  "Delete its result.json, or use another run directory, to run it again")
         return done
-    de = distributed.init(cfg.dist_backend)
+    runtime = cfg.trainer.resolve(distributed.detect().local_rank)  # before joining: NCCL needs the device set
+    de = distributed.init(cfg.dist_backend, device_type=runtime.device.type)
     if de.is_main:
         check_writable(run_dir)
     guard = PreemptionGuard().install()
     try:
-        return _run(cfg, run_dir, de, guard)
+        return _run(cfg, run_dir, de, guard, runtime)
     except Preempted:
         guard.hand_over()  # requeues (submitit) or exits; does not return
         raise
@@ -128,7 +131,8 @@ def _preflight(cfg: JobConfig, splits: JobData, de: distributed.DistEnv) -> Pref
     return found
 
 
-def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: PreemptionGuard) -> dict | None:
+def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: PreemptionGuard,
+         runtime: Runtime = CPU) -> dict | None:
     cache = Path(cfg.cache_dir)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -136,7 +140,9 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     train, val, _, info = build_datasets(cfg.data)  # fails early, saying where to get missing data
     splits = JobData(train, val, info.num_classes, info.input_shape)
     checks = _preflight(cfg, splits, de)  # a job that cannot succeed fails here, in seconds
-    model, dense_metrics = dense_model(cfg, splits, cache, de)
+    log.info(f"training on {runtime.describe()}, loader workers {cfg.data.workers}")
+    model, dense_metrics = dense_model(cfg, splits, cache, de, runtime)
+    model.cpu()  # graph, cost model and pruner are set up on the CPU; the fine-tuning trainer moves it back
     graph = ChannelGraph.build(model, splits.input_shape)
     pinned = run_dir / "lut-anchors.json"
     lut = latency_table(cfg, graph, cache, de, pinned=pinned)
@@ -144,7 +150,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     resource = cfg.latency.cost
     cost = latency_cost if resource == "latency" else MacsCost(graph, lut.table)
     unit = cost.unit
-    pruner = make_pruner(cfg, graph, cost) if cfg.method_name != DENSE else None  # checks feasibility
+    pruner = make_pruner(cfg, graph, cost, runtime) if cfg.method_name != DENSE else None  # checks feasibility
     holdout = None
     if pruner is not None and pruner.holdout_size():  # training samples the dense model saw, as in EagleEye
         holdout = build_datasets(replace(cfg.data, holdout=pruner.holdout_size()))[2]
@@ -170,7 +176,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
                         step=entry.iteration)
         trainer = Trainer(model, splits.train, splits.val, cfg.finetune, pruner=pruner,
                           checkpoint=run_dir / "checkpoint.pt", progress=cfg.progress, on_prune=report,
-                          dist=de, should_stop=guard.requested,
+                          dist=de, should_stop=guard.requested, runtime=runtime, loader=cfg.data.loader(),
                           on_epoch=lambda h: tracker.log({f"val/{k}": v for k, v in h.items()}, step=h["iteration"]))
         if trainer.try_resume():
             resumed = {"iteration": trainer.state.iteration, "prune_step": pruner.step,
@@ -180,8 +186,9 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
             t0 = time.perf_counter()
             if de.is_main:  # one-shot methods decide their masks here; the other ranks receive them
                 pruner.setup(model, splits.train, holdout)
-            if de.enabled:
-                pstate, mstate = distributed.broadcast(de, (pruner.state_dict(), model.state_dict()))
+            if de.enabled:  # CPU copies travel: a rank's tensors would otherwise land on rank 0's GPU
+                cpu_state = {k: v.cpu() for k, v in model.state_dict().items()} if de.is_main else None
+                pstate, mstate = distributed.broadcast(de, (pruner.state_dict(), cpu_state))
                 model.load_state_dict(mstate)
                 pruner.load_state_dict(pstate)
             setup_seconds = time.perf_counter() - t0
@@ -196,8 +203,10 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
         tracker.finish()
         return None
     masks.save(run_dir / "masks.json", model_name=cfg.model.name)
+    model.cpu()  # slimming, export and the latency setting's own device placement start from the CPU
     slim = slim_model(graph, masks).eval()
-    final = evaluate(slim, splits.val, cfg.finetune.eval_batch_size)
+    final = evaluate(runtime.model(slim), splits.val, cfg.finetune.eval_batch_size, memory_format=runtime.memory_format)
+    slim.cpu()
     save_module(slim, run_dir / "slim.pt")
     log.info("measuring the dense and the slim model end to end")
     dense_t, slim_t = measure_latency(cfg, [dense_copy, slim], splits.input_shape)
@@ -227,6 +236,10 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
                    "final": cost.total_ms(widths), "final_over_target": cost.total_ms(widths) / (ratio * dense_budget)},
         "speedup": dense_t.ms / slim_t.ms,
         "latency_vs_target": slim_t.ms / target_measured,
+        "runtime": {"device": str(runtime.device), "description": runtime.describe(), "amp": runtime.amp,
+                    "channels_last": runtime.channels_last, "loader_workers": cfg.data.workers},
+        # per rank: train and eval images/s, the fraction of training time spent waiting for data, peak memory
+        "throughput": {"dense": dense_metrics.get("throughput"), "finetune": st.throughput() if st else None},
         "prune_log": [asdict(e) for e in pruner.log] if pruner else [],
         "history": st.history if st else [],
         "wall_seconds": {"total": time.perf_counter() - t_start, "dense_train": dense_metrics.get("train_seconds", 0.0),

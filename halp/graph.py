@@ -159,7 +159,8 @@ class ChannelGraph:
         was_training = model.training
         model.eval()
         try:
-            example = torch.randn(1, *input_shape)
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            example = torch.randn(1, *input_shape, device=device)  # trace where the model lives
             shapes = _trace_shapes(model, example)
             try:
                 with torch.enable_grad():

@@ -223,8 +223,9 @@ class MaskApplier:
         masks.validate(graph)
         self.graph = graph
         self.masks = masks
-        # (tensor, dim, indices) triples; tensors are parameters or buffers of graph.model.
-        self._targets: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        # (module, tensor name, dim, indices): tensors are looked up when used, because moving the
+        # model to another device replaces its buffers (parameters keep their identity)
+        self._targets: list[tuple[nn.Module, str, int, torch.Tensor]] = []
         for gid, keep in masks.items():
             if bool(keep.all()):
                 continue
@@ -237,19 +238,35 @@ class MaskApplier:
                 mod = graph.module(mem.layer)
                 if mem.role == "in" and _grouped(mod):  # weight dim 1 holds one conv group's inputs
                     idx = torch.unique(idx % (mod.in_channels // mod.groups))
-                for tensor, dim in _tensors_for(mod, mem.role):
-                    self._targets.append((tensor, dim, idx))
+                for name, dim in _tensors_for(mod, mem.role):
+                    self._targets.append((mod, name, dim, idx))
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _index(self, k: int, device: torch.device) -> torch.Tensor:
+        """Target ``k``'s indices on ``device``, copied there once (not once per iteration)."""
+        key = (k, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._targets[k][3].to(device)
+        return self._on_device[key]
+
+    def tensors(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(tensor, dim, pruned indices on the tensor's device) for every masked tensor."""
+        out = []
+        for k, (mod, name, dim, _) in enumerate(self._targets):
+            tensor = getattr(mod, name)
+            out.append((tensor, dim, self._index(k, tensor.device)))
+        return out
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned channels; call after every optimizer step."""
-        for tensor, dim, idx in self._targets:
-            tensor.index_fill_(dim, idx.to(tensor.device), 0)
+        for tensor, dim, idx in self.tensors():
+            tensor.index_fill_(dim, idx, 0)
 
     @torch.no_grad()
     def clear_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero momentum / moment buffers of pruned channels so they cannot drift back."""
-        for tensor, dim, idx in self._targets:
+        for tensor, dim, idx in self.tensors():
             state = optimizer.state.get(tensor) if isinstance(tensor, nn.Parameter) else None
             if not state:
                 continue
@@ -262,13 +279,11 @@ def _grouped(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Conv2d) and mod.groups > 1 and not mod.groups == mod.in_channels == mod.out_channels
 
 
-def _tensors_for(mod: nn.Module, role: str) -> list[tuple[torch.Tensor, int]]:
+def _tensors_for(mod: nn.Module, role: str) -> list[tuple[str, int]]:
+    """(tensor name, channel dim) of the tensors of ``mod`` that a member of ``role`` masks."""
     if role == "norm":
         names = ("weight", "bias", "running_mean", "running_var")
-        return [(getattr(mod, n), 0) for n in names if getattr(mod, n, None) is not None]
+        return [(n, 0) for n in names if getattr(mod, n, None) is not None]
     if role == "out":
-        out = [(mod.weight, 0)]
-        if mod.bias is not None:
-            out.append((mod.bias, 0))
-        return out
-    return [(mod.weight, 1)]
+        return [("weight", 0)] + ([("bias", 0)] if mod.bias is not None else [])
+    return [("weight", 1)]

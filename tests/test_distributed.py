@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from experiments import distributed  # noqa: E402
+from experiments.batches import LoaderConfig  # noqa: E402
 from experiments.engine import TrainConfig, Trainer  # noqa: E402
 from halp.pruners import HalpPruner, PruneConfig  # noqa: E402
 
@@ -24,21 +25,22 @@ def _setup():
     return graph, pruner, make_data(128, 1), make_data(32, 2)
 
 
-def _train(out: Path, micro_batches: int, de: distributed.DistEnv) -> None:
+def _train(out: Path, micro_batches: int, de: distributed.DistEnv, workers: int = 0) -> None:
     torch.set_num_threads(1)
     graph, pruner, train, val = _setup()
     cfg = TrainConfig(epochs=4, lr=0.05, batch_size=32, threads=1, seed=3, micro_batches=micro_batches)
-    Trainer(graph.model, train, val, cfg, pruner=pruner, progress=False, dist=de).fit()
+    Trainer(graph.model, train, val, cfg, pruner=pruner, progress=False, dist=de,
+            loader=LoaderConfig(workers=workers)).fit()
     if de.is_main:
         torch.save({"masks": dict(pruner.masks.items()), "log": [e.widths for e in pruner.log],
                     "params": {k: v.detach().clone() for k, v in graph.model.named_parameters()}}, out)
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str, workers: int = 0) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     de = distributed.init("gloo")
     try:
-        _train(Path(out), 1, de)
+        _train(Path(out), 1, de, workers)
     finally:
         distributed.shutdown()
 
@@ -49,11 +51,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_prune_like_one_process_with_two_micro_batches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_gloo_ranks_prune_like_one_process_with_two_micro_batches(tmp_path, monkeypatch, workers):
+    """Each rank loads only its shards (with ``workers`` loader processes of its own); the single
+    process loads in-process."""
     for var in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     _train(tmp_path / "one.pt", 2, distributed.SINGLE)
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "two.pt")), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "two.pt"), workers), nprocs=2, join=True)
     one = torch.load(tmp_path / "one.pt", weights_only=False)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     assert len(one["log"]) == 4 and one["log"] == two["log"]

@@ -42,7 +42,7 @@ def test_every_preset_composes_to_a_valid_config():
     assert (r50.model.name, r50.data.name, r50.prune.target, r50.prune.interval, r50.prune.steps) == \
         ("torchvision:resnet50", "imagenet", 0.55, 40, 30)
     assert (r50.finetune.lr, r50.finetune.momentum, r50.finetune.weight_decay, r50.finetune.label_smoothing,
-            r50.finetune.warmup_epochs, r50.finetune.amp) == (1.024, 0.875, 3.0517578125e-5, 0.1, 8, True)
+            r50.finetune.warmup_epochs, r50.trainer.amp) == (1.024, 0.875, 3.0517578125e-5, 0.1, 8, "fp16")
     for method in ("halp", "magnitude", "taylor", "eagleeye", "dense"):
         assert job(f"method={method}").method_name == method
 

@@ -15,7 +15,7 @@ from ..latency.calibration import recalibrate
 from ..latency.cost import CostModel
 from ..latency.quality import chunk_sizes, monotonicity_violations, noise_summary, smooth_monotone
 from ..latency.table import LatencyTable, load_reference, merge
-from ..latency.timing import Protocol
+from ..latency.timing import Protocol, protocol_for
 from ..latency.validate import format_validation, validate
 from .common import add_model_args, model_from_args
 
@@ -32,7 +32,10 @@ for calibrating the rest. HALP's pruner reads it to know what each channel costs
 def _add_setting_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size of the deployment (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu (default) or cuda (CUDA-event timing; unverified on our machines)")
+                   help="cpu (default) or cuda (the paper's protocol: CUDA events, 10 warm-up + 30 timed "
+                        "forwards, median; unverified on a GPU)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="float32 (default) or float16 (--device cuda only)")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="runtime on the CPU: PyTorch eager (default) or ONNX Runtime")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
@@ -46,8 +49,8 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     backend = "torch-cuda" if args.device == "cuda" else args.backend
     if args.device == "cuda" and args.backend != "torch":
         raise ValueError("on --device cuda only the torch backend exists")
-    return Setting(backend=backend, batch=args.batch, threads=args.threads,
-                   channels_last=args.channels_last, allocator=args.allocator)
+    return Setting(backend=backend, batch=args.batch, threads=args.threads, channels_last=args.channels_last,
+                   dtype=args.dtype, allocator=args.allocator)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="channels removed per step of every group: the table's grid (default 32)")
     b.add_argument("--out", type=Path, default=None, help="table file (default luts/<model>_<setting>.json)")
     b.add_argument("--shard", default=None, metavar="i/n", help="measure only the i-th of n disjoint parts")
-    b.add_argument("--rounds", type=int, default=5, help="timed samples per point (default 5)")
+    b.add_argument("--rounds", type=int, default=5,
+                   help="timed samples per point (default 5; --device cuda: always the paper's 30)")
     b.add_argument("--no-resume", action="store_true", help="discard an existing partial build")
     b.add_argument("--full", action="store_true",
                    help="measure every reachable point (default: coarse lattice, refined where the latency "
@@ -145,13 +149,16 @@ def _default_out(args: argparse.Namespace, shape: tuple, setting: Setting) -> Pa
     tag = f"{'x'.join(map(str, shape))}_b{setting.batch}_t{setting.threads}_{setting.backend}"
     if setting.channels_last:
         tag += "_cl"
+    if setting.dtype != "float32":
+        tag += "_fp16"
     shard = f".shard{args.shard.replace('/', 'of')}" if args.shard else ""
     return Path("luts") / f"{name}_{tag}_s{args.step}{shard}.json"
 
 
 def run_build(args: argparse.Namespace) -> int:
     setting = setting_from_args(args)
-    ok, why = get_backend(setting).available()
+    backend = get_backend(setting)
+    ok, why = backend.available()
     if not ok:
         raise ValueError(f"backend {setting.backend} is not available: {why}")
     model, shape = model_from_args(args)
@@ -159,9 +166,10 @@ def run_build(args: argparse.Namespace) -> int:
     refine = Refinement.off() if args.full else Refinement(tol=args.refine_tol, budget=args.refine_budget)
     plan = plan_build(graph, args.model, setting, args.step, parse_shard(args.shard), refine=refine)
     out = args.out or _default_out(args, shape, setting)
-    protocol = Protocol(rounds=args.rounds)
+    protocol = protocol_for(backend, Protocol(rounds=args.rounds))  # on CUDA the paper's: the table records it
     print(f"{args.model} {shape} batch {setting.batch}, {setting.threads} thread(s), {setting.backend}, "
-          f"{setting.memory_format}{f' (shard {args.shard})' if args.shard else ''} -> {out}")
+          f"{setting.memory_format}{'' if setting.dtype == 'float32' else ', ' + setting.dtype}"
+          f"{f' (shard {args.shard})' if args.shard else ''} -> {out}")
     print(describe_plan(plan, estimate_build(plan, protocol)), flush=True)
     t0 = time.perf_counter()
     table = build_table(plan, out, protocol, resume=not args.no_resume, progress=not args.quiet,
@@ -194,10 +202,16 @@ def _table_and_graph(args: argparse.Namespace) -> tuple[LatencyTable, Setting, C
     st = table.meta.get("setting", {})
     setting = Setting(backend=st.get("backend", "torch"), batch=int(st.get("batch", 1)),
                       threads=int(st.get("threads") or 1), channels_last=st.get("memory_format") == "channels_last",
-                      allocator=st.get("allocator", "steady"))
-    device = get_backend(setting).device()["name"] if setting.backend in ("torch-cuda",) else cpu_name()
+                      dtype=st.get("dtype", "float32"), allocator=st.get("allocator", "steady"))
+    device, versions = cpu_name(), None  # None: check_setting's default, this torch
+    if setting.backend == "torch-cuda":  # the GPU's name and its CUDA / cuDNN versions
+        backend = get_backend(setting)
+        ok, why = backend.available()
+        if not ok:
+            raise ValueError(f"{args.table} was measured with CUDA, which is not available here: {why}")
+        device, versions = backend.device()["name"], backend.versions()
     diffs = table.check_setting({**setting.__dict__, "memory_format": setting.memory_format}, device,
-                                allow_mismatch=args.allow_lut_mismatch)
+                                allow_mismatch=args.allow_lut_mismatch, versions=versions)
     for d in diffs:
         print(f"warning: setting differs: {d}")
     if args.input_shape is None and table.meta.get("input_shape"):
@@ -240,6 +254,11 @@ def run_show(args: argparse.Namespace) -> int:
           f"{meta.get('device', {}).get('name')}; backend {st.get('backend')}, batch {st.get('batch')}, "
           f"threads {st.get('threads')}, {st.get('memory_format')}, {st.get('dtype')}, allocator "
           f"{st.get('allocator', '?')}; built {meta.get('created')} in {meta.get('wall_s')}s")
+    dev = meta.get("device", {})
+    if dev.get("kind") == "cuda":
+        print(f"GPU: compute capability {dev.get('capability')}, driver {dev.get('driver')}, cuDNN TF32 "
+              f"{dev.get('cudnn_tf32')}, cuDNN benchmark {dev.get('cudnn_benchmark')}; " +
+              ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items()))
     n = noise_summary(table)
     print(f"{n['points']} points over {n['units']} units; spread of repeats (IQR/median): median "
           f"{n['median_spread']:.1%}, p90 {n['p90_spread']:.1%}, max {n['max_spread']:.1%}; "

@@ -2,16 +2,20 @@
 
 - ``torch`` — PyTorch eager on the CPU (default; what this project measures and claims).
 - ``onnxruntime`` — ONNX Runtime's CPU execution provider.
-- ``torch-cuda`` — PyTorch eager on a CUDA GPU timed with CUDA events. Written to the same
-  interface but **unverified**: our machines have no GPU.
+- ``torch-cuda`` — PyTorch eager on a CUDA GPU timed with CUDA events, with the paper's protocol
+  (:data:`~halp.latency.timing.CUDA_EVENTS`). Written to the same interface and tested on the CPU
+  with a fake CUDA, but **unverified on a GPU**: our machines have none.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import io
 import os
 import platform
+import shutil
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -216,8 +220,55 @@ class OnnxRuntimeBackend(Backend):
         return lambda: sess.run(None, feed)
 
 
+def gpu_driver_version() -> str | None:
+    """The NVIDIA driver's version (``550.54.15``) from pynvml if installed, else ``nvidia-smi``;
+    None when neither answers. Unverified on a GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # not installed, or no NVML on this machine: try nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    return lines[0] if lines else None  # one line per GPU; one driver serves them all
+
+
+def cuda_versions() -> dict:
+    """The CUDA and cuDNN versions this torch runs with (``torch.version.cuda``,
+    ``torch.backends.cudnn.version()``; None where it has none): kernels, and so latencies, change
+    between them, so a CUDA table records them and is refused under others."""
+    return {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+
+
+def running_versions(backend: str) -> dict:
+    """The library versions a table made with ``backend`` is checked against, here and now."""
+    if backend == "torch-cuda":
+        return {"torch": torch_version(), **cuda_versions()}
+    return {"torch": torch_version()}
+
+
 class CudaBackend(Backend):
-    """CUDA-event timing (unverified: no GPU on our machines)."""
+    """PyTorch eager on the current CUDA device, timed with CUDA events.
+
+    :func:`~halp.latency.timing.measure` times it with the paper's protocol whatever protocol the
+    caller passes (:data:`~halp.latency.timing.CUDA_EVENTS`: 10 warm-up + 30 timed forwards, one
+    event pair per forward, median). It has no weight pool: weights stay where the module has them.
+    Unverified on a GPU (tested with a fake ``torch.cuda``)."""
+
+    target = "cuda"  # where prepare() puts module and input (tests point it at the CPU)
 
     def available(self) -> tuple[bool, str]:
         if not torch.cuda.is_available():
@@ -225,15 +276,29 @@ class CudaBackend(Backend):
         return True, ""
 
     def device(self) -> dict:
-        return {"kind": "cuda", "name": torch.cuda.get_device_name(), "arch": platform.machine()}
+        """The GPU: name (checked against a table's), compute capability, driver; informational:
+        whether cuDNN may use TF32 for fp32 convs and autotunes (both change fp32 latency).
+        Unverified on a GPU."""
+        ok, why = self.available()
+        if not ok:
+            raise RuntimeError(f"backend {self.name} is not available here: {why}")
+        idx = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(idx)
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(idx), "capability": f"{major}.{minor}",
+                "driver": gpu_driver_version(), "arch": platform.machine(),
+                "cudnn_tf32": bool(torch.backends.cudnn.allow_tf32),
+                "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
 
     def versions(self) -> dict:
-        return {**super().versions(), "cuda": torch.version.cuda}
+        return {**super().versions(), **cuda_versions()}
 
     def prepare(self, module: nn.Module, x: torch.Tensor, weight_pool: torch.Tensor | None = None) -> Runner:
+        """``module(x)`` on the GPU in the setting's dtype and memory format. The module is copied:
+        the caller's (e.g. a job's dense and slim models) stays on the CPU in fp32.
+        Unverified on a GPU."""
         dtype = torch.float16 if self.setting.dtype == "float16" else torch.float32
-        module = module.eval().cuda().to(dtype)
-        x = x.cuda().to(dtype)
+        module = copy.deepcopy(module).eval().to(self.target, dtype)
+        x = x.to(self.target, dtype)
         if self.setting.channels_last and x.dim() == 4:
             module = module.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -244,13 +309,16 @@ class CudaBackend(Backend):
         return run
 
     def time_ms(self, run: Runner, n: int) -> float:
+        """Mean milliseconds of ``n`` back-to-back calls between two CUDA events. The GPU is idle
+        at the start (synchronized), so launch latency counts, as it does for a deployed forward.
+        Unverified on a GPU."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
         for _ in range(n):
             run()
         end.record()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # elapsed_time needs both events completed
         return start.elapsed_time(end) / n
 
 

@@ -25,7 +25,7 @@ from .backends import Backend, Setting, get_backend
 from .calibration import calibrate
 from .table import Entry, LatencyTable
 from .refine import Refinement, Refiner
-from .timing import Protocol, measure
+from .timing import Protocol, measure, protocol_for
 from .units import UnitSpec, enumerate_points, model_units
 
 
@@ -213,15 +213,14 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
 
     By default the protocol's weight pool is the size of the model's parameters (at most
     ``MAX_POOL_MB``), so each unit sees the cache pressure of the whole network."""
-    if protocol is None:
-        protocol = Protocol()
+    backend = get_backend(plan.setting)
+    protocol = protocol_for(backend, protocol or Protocol())  # CUDA: the paper's events protocol, recorded as such
     if protocol.weight_pool_mb is None:
         mb = sum(p.numel() * p.element_size() for p in plan.graph.model.parameters()) / 2**20
         protocol = dataclasses.replace(protocol, weight_pool_mb=round(min(mb, MAX_POOL_MB), 1))
     pool = torch.randn(int(protocol.weight_pool_mb * 2**20 / 4)) if protocol.weight_pool_mb else None
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    backend = get_backend(plan.setting)
     t_start = time.perf_counter()
     deadline = None if time_limit_s is None else t_start + time_limit_s
     refiner = plan.refiner()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_text
-from .backends import torch_version
+from .backends import running_versions
 from .units import UnitSpec
 
 LUT_FORMAT = "halp-latency-table"
@@ -109,13 +109,15 @@ class LatencyTable:
     def check_setting(self, setting: dict, device_name: str, allow_mismatch: bool = False,
                       override: str = "--allow-lut-mismatch", rebuild: str = "rebuild it here with `halp lut build`",
                       versions: dict | None = None) -> list[str]:
-        """Differences between this table's setting and ``setting`` (and the device, and the torch
-        version: kernels change between releases); raises unless ``allow_mismatch``.
+        """Differences between this table's setting and ``setting`` (and the device: the CPU's or
+        the GPU's name, and the library versions: kernels change between releases); raises unless
+        ``allow_mismatch``.
 
         ``override`` names the switch that sets ``allow_mismatch`` in the caller's interface, and
         ``rebuild`` how to get a valid table there, for the message. ``versions`` are the running
-        library versions (default: this torch). A table that records no torch version (built before
-        halp recorded it) is not refused for it; a warning says that it cannot be checked."""
+        library versions (default: this torch, and for a ``torch-cuda`` setting its CUDA and cuDNN).
+        A version the table does not record (built before halp recorded it) is not refused for;
+        a warning says that torch's cannot be checked."""
         ours = self.meta.get("setting", {})
         diffs = [f"{k}: table {ours.get(k)!r}, now {setting.get(k)!r}"
                  for k in SETTING_FIELDS if ours.get(k) != setting.get(k)]
@@ -123,7 +125,7 @@ class LatencyTable:
         if dev != device_name:
             diffs.append(f"device: table {dev!r}, now {device_name!r}")
         recorded = self.meta.get("versions") or {}
-        running = {"torch": torch_version()} if versions is None else versions
+        running = running_versions(str(setting.get("backend"))) if versions is None else versions
         if "torch" in running and "torch" not in recorded:
             warnings.warn(f"the latency table records no torch version (built before halp recorded it?): cannot "
                           f"check that it was measured with this torch {running['torch']}", stacklevel=2)

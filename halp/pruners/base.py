@@ -69,10 +69,12 @@ def percent(fraction: float) -> str:
 @dataclass(frozen=True)
 class PrunerContext:
     """What the driver of a run tells every pruner: the run's seed (methods that draw random
-    numbers use it), the CPU threads it may use, and whether to show progress bars."""
+    numbers use it), the CPU threads it may use, whether to show progress bars, and the device
+    that methods which run the model themselves (EagleEye's scoring) should run it on."""
     seed: int = 0
     threads: int = 1
     progress: bool = False
+    device: str = "cpu"
 
 
 def check_chunk(chunk: int | str) -> None:
