@@ -68,6 +68,8 @@ def dense_path(cfg: JobConfig, cache: Path) -> Path:
     Loader knobs and the device do not change the model and are left out of the key; the key of
     a recipe without amp or channels_last is the one it had before those settings existed."""
     recipe = {k: v for k, v in asdict(cfg.dense).items() if k != "checkpoint"}
+    if recipe.get("lr_batch") is None:  # a field newer than most caches: absent when unused
+        recipe.pop("lr_batch", None)
     rt = cfg.trainer
     recipe["amp"] = rt.amp == "bf16" if rt.amp in ("off", "bf16") else rt.amp  # the former bool (CPU bf16)
     if rt.channels_last:

@@ -108,3 +108,15 @@ def test_settings_that_cannot_run_here_are_refused_up_front(tmp_path):
         ("gloo", "nccl", "gloo")
     with pytest.raises(ValueError, match="nccl needs trainer.device=cuda"):
         tiny(tmp_path, trainer=RuntimeConfig(device="cpu"), dist_backend="nccl")
+
+
+def test_runtime_settings_keep_old_dense_caches_valid(tmp_path):
+    """Adding trainer.*, loader knobs and lr_batch did not orphan caches: the default job's dense key
+    is the one commit 90bb4bb (before them) computed; precision and memory format change it."""
+    from experiments.assets import dense_path
+    from toy_job import compose
+
+    assert dense_path(compose(), tmp_path).name == "halp_resnet20-9aa3f2b27918.pt"
+    assert dense_path(compose("data.workers=2", "trainer.device=cpu"), tmp_path).name == "halp_resnet20-9aa3f2b27918.pt"
+    assert dense_path(compose("trainer.amp=bf16"), tmp_path) != dense_path(compose(), tmp_path)
+    assert dense_path(compose("trainer.channels_last=true"), tmp_path) != dense_path(compose(), tmp_path)
