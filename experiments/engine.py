@@ -229,8 +229,7 @@ class Trainer:
         t0 = time.perf_counter()
         rt = self.runtime
         metrics = evaluate(self.model, self._val, self.cfg.eval_batch_size, device=rt.device,
-                           autocast=None if rt.amp == "off" else (torch.bfloat16 if rt.amp == "bf16" else torch.float16),
-                           memory_format=rt.memory_format)
+                           autocast=rt.amp_dtype, memory_format=rt.memory_format)
         self.state.eval_seconds += time.perf_counter() - t0
         self.state.eval_images += len(self.val_set)
         return metrics

@@ -77,12 +77,15 @@ class Runtime:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The reduced precision of forward passes (``None`` with ``amp=off``)."""
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+
     def autocast(self) -> ContextManager:
         """Mixed precision for forward passes (a no-op with ``amp=off``)."""
-        if self.amp == "off":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        dtype = self.amp_dtype
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A loss scaler for fp16 (CUDA only); bf16 and fp32 need none."""

@@ -29,6 +29,21 @@ class SaliencyKind(str, Enum):
         return self in (SaliencyKind.TAYLOR_BN, SaliencyKind.TAYLOR_BN_SQ)
 
 
+_INDEX_COPIES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``index`` on ``device``, copied there once: saliency runs every iteration, and a host-to-GPU
+    copy per layer per iteration would cost a synchronisation each (on the CPU this is ``index``)."""
+    if index.device == device:
+        return index
+    key = (id(index), device)
+    hit = _INDEX_COPIES.get(key)
+    if hit is None or hit[0] is not index:  # the entry keeps its source alive, so ids are not reused
+        hit = _INDEX_COPIES[key] = (index, index.to(device))
+    return hit[1]
+
+
 def _taylor_sum(graph: ChannelGraph, g: ChannelGroup, role: str) -> torch.Tensor:
     """Σ over the group's members of ``role`` of Σ p·∂p per group channel: BN γ and β
     (``role="norm"``), or each output channel's filter and bias (``role="out"``). Computed in
@@ -46,7 +61,7 @@ def _taylor_sum(graph: ChannelGraph, g: ChannelGroup, role: str) -> torch.Tensor
                 per_channel += prod.flatten(1).sum(1) if prod.dim() > 1 else prod
         if total is None:
             total = torch.zeros(g.width, dtype=torch.float64, device=dev)
-        total.index_add_(0, mem.channels.to(dev), per_channel[mem.positions.to(dev)])
+        total.index_add_(0, _on(mem.channels, dev), per_channel[_on(mem.positions, dev)])
     return total if total is not None else torch.zeros(g.width, dtype=torch.float64)
 
 
