@@ -37,8 +37,8 @@ DENSE_METRICS = {"top1": "dense.top1", "top5": "dense.top5", "latency_ms": "dens
                  "macs": "dense.macs", "params": "dense.params", "predicted_ms": "dense.predicted_ms"}
 # nested values that are not one number per run; widths are kept aside for the widths figure
 NOT_FLAT = {"config", "prune_log", "history", "chunk_sizes", "search", "lut.anchors", "pruned.widths"}
-# config keys expected to differ between the runs of one group
-VARYING = re.compile(r"(^|\.)(seed|target_ratio|target|progress|cache_dir|root|workers)$")
+# config keys expected to differ between the runs of one group (loader knobs never change a result)
+VARYING = re.compile(r"(^|\.)(seed|target_ratio|target|progress|cache_dir|root|workers|pin_memory|persistent_workers|prefetch_factor)$")
 
 Warn = Callable[[str], None]
 
