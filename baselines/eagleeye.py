@@ -122,7 +122,7 @@ class EagleEyePruner(Pruner):
         super().__init__(graph, cost, config, chunk_sizes, chunk=self.ecfg.chunk, context=context)
         self.steps_total = 1
         self.seed, self.threads, self.progress = context.seed, context.threads, context.progress
-        self.device = context.device
+        self.device, self.score = context.device, context.score
         self.resource = Resource(self.ecfg.resource)
         self.dense_resource = self.measure(graph.full_widths())
         self.window = acceptance_window(config.target * self.dense_resource, self.ecfg.tolerance, self.ecfg.window)
@@ -229,7 +229,7 @@ class EagleEyePruner(Pruner):
             workers = 1  # one process owns the GPU; candidates are scored one after another on it
         payload = {"model": self.graph.model, "input_shape": self.graph.input_shape, "train": train_set,
                    "holdout": holdout, "calib": calib, "seed": self.seed, "eval_batch": 512,
-                   "device": self.device}
+                   "device": self.device, "score": self.score}
         bar = progress_bar(total=len(masks), enabled=self.progress, desc="EagleEye candidates", leave=False)
         try:
             return score_candidates(payload, masks, workers, self.threads, self.ecfg.start_method, bar.update)

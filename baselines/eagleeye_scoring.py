@@ -95,7 +95,7 @@ def init_worker(payload: bytes | dict, threads: int) -> None:
     model.to(payload.get("device", "cpu"))  # scoring runs on the job's device (a copy: the caller's model is untouched)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _WORK.update(model=model, dense=dense, graph=ChannelGraph.build(model, payload["input_shape"]), **{
-        k: payload[k] for k in ("train", "holdout", "calib", "seed", "eval_batch")})
+        k: payload[k] for k in ("train", "holdout", "calib", "seed", "eval_batch")}, score=payload.get("score"))
 
 
 def calibrated_model(masks: ChannelMasks) -> nn.Module:
@@ -113,10 +113,14 @@ def calibrated_model(masks: ChannelMasks) -> nn.Module:
 
 
 def score_masks(masks: ChannelMasks) -> tuple[float, dict[str, torch.Tensor]]:
-    """Holdout top-1 (%) of the calibrated masked candidate and its BatchNorm buffers."""
+    """The calibrated masked candidate's holdout score (top-1 %, or the context's ``score``, e.g.
+    a detector's mAP) and its BatchNorm buffers."""
     model = calibrated_model(masks)
     reseed_dataset(_WORK["holdout"], _WORK["seed"])  # an augmenting holdout scores every candidate alike
-    return evaluate(model, _WORK["holdout"], _WORK["eval_batch"])["top1"], norm_buffers(model)
+    score = _WORK.get("score")
+    value = score(model, _WORK["holdout"], _WORK["eval_batch"]) if score is not None else \
+        evaluate(model, _WORK["holdout"], _WORK["eval_batch"])["top1"]
+    return float(value), norm_buffers(model)
 
 
 def _score_keep(keep: dict[str, torch.Tensor]) -> tuple[float, bytes]:

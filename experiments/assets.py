@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from halp.evaluation import evaluate
 from halp.fileio import atomic_write, atomic_write_text, file_lock
 from halp.graph import ChannelGraph
 from halp.latency.backends import Setting, get_backend
@@ -30,6 +29,7 @@ from .config import JobConfig
 from .distributed import SINGLE, DistEnv, barrier, broadcast
 from .engine import Trainer
 from .runtime import CPU, Runtime
+from .tasks import task_for
 
 log = logging.getLogger(__name__)
 ANCHORS_FORMAT = "halp-latency-anchors"
@@ -98,11 +98,12 @@ def dense_model(cfg: JobConfig, splits: JobData, cache: Path, de: DistEnv = SING
         if broadcast(de, path.exists()):
             blob = torch.load(path, map_location="cpu", weights_only=False)
             model.load_state_dict(blob["model"])
-            log.info(f"dense model reused from {path} (top-1 {blob['metrics']['top1']:.2f}%)")
+            log.info(f"dense model reused from {path} ({task_for(cfg.model.name).describe(blob['metrics'])})")
             return model, blob["metrics"] | {"train_seconds": 0.0, "checkpoint": str(path), "reused": True}
         log.info(f"training the dense model for {cfg.dense.epochs} epoch(s) on {runtime.describe()}")
         trainer = Trainer(model, splits.train, splits.val, cfg.dense, checkpoint=path.with_suffix(".partial.pt"),
-                          progress=cfg.progress, dist=de, runtime=runtime, loader=cfg.data.loader())
+                          progress=cfg.progress, dist=de, runtime=runtime, loader=cfg.data.loader(),
+                          task=task_for(cfg.model.name))
         trainer.try_resume()
         st = trainer.fit()
         metrics = trainer.evaluate() if de.is_main else None
@@ -125,8 +126,8 @@ def _pretrained(cfg: JobConfig, model: torch.nn.Module, splits: JobData, de: Dis
     metrics = None
     if de.is_main:
         runtime.model(model)
-        metrics = evaluate(model, splits.val, cfg.dense.eval_batch_size, device=runtime.device,
-                           memory_format=runtime.memory_format)
+        metrics = task_for(cfg.model.name).evaluate(model, splits.val, cfg.dense.eval_batch_size,
+                                                    device=runtime.device, memory_format=runtime.memory_format)
     metrics = broadcast(de, metrics)
     return model, metrics | {"train_seconds": 0.0, "checkpoint": str(report.path), "reused": True,
                              "pretrained": report.source}

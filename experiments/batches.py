@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from halp.evaluation import fetch_batch, reseed_dataset
+from halp.evaluation import collate_of, fetch_batch, reseed_dataset
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ class EpochBatches(Dataset):
                 x, y = fetch_batch(self.dataset, idx[j * m:(j + 1) * m])
             xs.append(x)
             ys.append(y)
-        return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+        if len(xs) == 1:
+            return xs[0], ys[0]
+        return torch.cat(xs), (torch.cat(ys) if isinstance(ys[0], torch.Tensor) else [t for y in ys for t in y])
 
 
 def batch_iterator(source: EpochBatches, keys: Sequence[tuple[int, int]], loader: LoaderConfig,
@@ -104,4 +106,5 @@ def batch_iterator(source: EpochBatches, keys: Sequence[tuple[int, int]], loader
 
 def eval_loader(dataset: Dataset, batch_size: int, loader: LoaderConfig, pin: bool) -> Iterable:
     """Evaluation batches of ``dataset``; with workers, one loader whose workers live across epochs."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader.kwargs(pin))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_of(dataset),
+                      **loader.kwargs(pin))

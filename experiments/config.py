@@ -194,6 +194,10 @@ def upgrade_record_config(config: Mapping[str, Any]) -> dict[str, Any]:
         (cfg.get("prune") or {}).pop(key, None)
     for key in _OLD_DATA_KEYS:
         (cfg.get("data") or {}).pop(key, None)
+    if isinstance(cfg.get("data"), dict):  # fields added later, at the values every older run had
+        defaults = DataConfig()
+        for key in DataConfig.VOC_KEYS:
+            cfg["data"].setdefault(key, list(v) if isinstance(v := getattr(defaults, key), tuple) else v)
     # before trainer.* existed, dense.amp / finetune.amp (bool) meant bfloat16 autocast on the CPU
     amp = [bool((cfg.get(phase) or {}).pop("amp")) for phase in ("dense", "finetune") if "amp" in (cfg.get(phase) or {})]
     if amp and "trainer" not in cfg:

@@ -45,16 +45,20 @@ class DataConfig:
     Fashion-MNIST, ``$HALP_CIFAR10`` / ``$HALP_IMAGENET`` (falling back to ``~/datasets/cifar10``
     / ``~/datasets/imagenet``) for the others. How batches are drawn is the trainer's business
     (``TrainConfig.batch_size``), so it is not configured here."""
-    name: str = "fashion_mnist"      # fashion_mnist | cifar10 | imagenet | synthetic
+    name: str = "fashion_mnist"      # fashion_mnist | cifar10 | imagenet | synthetic | voc (detection)
     root: str | None = None
     augment: bool = True
-    image_size: int = 224            # imagenet only
+    image_size: int = 224            # imagenet and voc (the detector's input size)
     synthetic_samples: int = 512     # training samples; the synthetic val split has a quarter as many
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)
     synthetic_classes: int = 10
     train_subset: int | None = None  # only the first N training samples after a seeded shuffle
     holdout: int = 0                 # N training samples held out as a separate (un-augmented) split
     seed: int = 0
+    # voc (a VOCdevkit folder): '<year folder>/<set>' splits to train and test on; keep decoded images in memory
+    voc_train: tuple[str, ...] = ("VOC2007/trainval", "VOC2012/trainval")
+    voc_test: tuple[str, ...] = ("VOC2007/test",)
+    cache_images: bool = False
     # how batches are loaded, never which (results do not depend on these)
     workers: int = 0                 # loader worker processes (0: the training process loads)
     pin_memory: bool = True          # pinned host memory for batches bound for a GPU (ignored on the CPU)
@@ -62,14 +66,17 @@ class DataConfig:
     prefetch_factor: int = 2         # batches each worker loads ahead
 
     LOADER_KEYS: ClassVar[tuple[str, ...]] = ("workers", "pin_memory", "persistent_workers", "prefetch_factor")
+    VOC_KEYS: ClassVar[tuple[str, ...]] = ("voc_train", "voc_test", "cache_images")
 
     def loader(self) -> LoaderConfig:
         """The loader knobs as the trainer takes them."""
         return LoaderConfig(self.workers, self.pin_memory, self.persistent_workers, self.prefetch_factor)
 
     def identity(self) -> dict:
-        """The fields that decide what the data are (cache keys leave the loader knobs out)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.LOADER_KEYS}
+        """The fields that decide what the data are (cache keys leave the loader knobs out, and the
+        VOC fields for other sets, so that keys made before those fields existed stay valid)."""
+        skip = self.LOADER_KEYS + (() if self.name == "voc" else self.VOC_KEYS)
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass
@@ -328,12 +335,19 @@ def _synthetic(cfg: DataConfig) -> Splits:
     return Splits(train, train, SyntheticImages(max(1, n // 4), shape, k, cfg.seed, split=2), k, shape)
 
 
+def _voc(cfg: DataConfig) -> Splits:
+    from .voc import voc_splits  # detection: needs nothing beyond torch, but is its own module
+
+    return voc_splits(cfg)
+
+
 Builder = Callable[[DataConfig], Splits]
 DATASETS: dict[str, Builder] = {
     "fashion_mnist": _fashion_mnist,
     "cifar10": _cifar10,
     "imagenet": _imagenet,
     "synthetic": _synthetic,
+    "voc": _voc,
 }
 
 

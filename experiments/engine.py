@@ -19,17 +19,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from halp.evaluation import evaluate
 from halp.fileio import atomic_write
 from halp.progress import progress_bar
 
 from .batches import EpochBatches, LoaderConfig, batch_iterator, eval_loader
 from .distributed import SINGLE, DistEnv, barrier, broadcast
 from .runtime import CPU, Runtime
+from .tasks import CLASSIFICATION, Task, split_labels
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ class Trainer:
                  on_prune: Callable | None = None, dist: DistEnv = SINGLE,
                  should_stop: Callable[[], bool] | None = None,
                  on_epoch: Callable[[dict], None] | None = None, runtime: Runtime = CPU,
-                 loader: LoaderConfig = LoaderConfig()) -> None:
+                 loader: LoaderConfig = LoaderConfig(), task: Task = CLASSIFICATION) -> None:
         self.model, self.train_set, self.val_set, self.cfg = model, train_set, val_set, cfg
         self.pruner = pruner
         self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -160,7 +159,7 @@ class Trainer:
         self.dist = dist
         self.should_stop = should_stop
         self.on_epoch = on_epoch
-        self.runtime, self.loader = runtime, loader
+        self.runtime, self.loader, self.task = runtime, loader, task
         shards = dist.world * cfg.micro_batches
         if cfg.batch_size % shards:
             raise ValueError(f"batch_size={cfg.batch_size} must split evenly over {dist.world} process(es) "
@@ -228,8 +227,8 @@ class Trainer:
                          if self.loader.workers else self.val_set)
         t0 = time.perf_counter()
         rt = self.runtime
-        metrics = evaluate(self.model, self._val, self.cfg.eval_batch_size, device=rt.device,
-                           autocast=rt.amp_dtype, memory_format=rt.memory_format)
+        metrics = self.task.evaluate(self.model, self._val, self.cfg.eval_batch_size, device=rt.device,
+                                     autocast=rt.amp_dtype, memory_format=rt.memory_format)
         self.state.eval_seconds += time.perf_counter() - t0
         self.state.eval_images += len(self.val_set)
         return metrics
@@ -269,25 +268,24 @@ class Trainer:
                 st.history.append({"epoch": st.epoch, "iteration": st.iteration, **metrics})
                 if self.on_epoch:
                     self.on_epoch(st.history[-1])
-                log.info(f"epoch {st.epoch}: top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}")
+                log.info(f"epoch {st.epoch}: {self.task.describe(metrics)}")
                 self.save()
             barrier(self.dist)
         return st
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, bar) -> None:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor | list, bar) -> None:
         st = self.state
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, st.iteration, self.total, self.per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
         k = self.cfg.micro_batches
         losses = []
-        for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k))):
+        for i, (xm, ym) in enumerate(zip(x.chunk(k), split_labels(y, k))):
             # DDP averages gradients only on the last micro-batch's backward
             sync = nullcontext() if i == k - 1 or not self.dist.enabled else self.net.no_sync()
             with sync:
                 with self.runtime.autocast():
-                    out = self.net(xm)
-                loss = F.cross_entropy(out.float(), ym, label_smoothing=self.cfg.label_smoothing) / k
+                    loss = self.task.loss(self.net, xm, ym, self.cfg.label_smoothing) / k
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses.append(loss.detach())
         total = float(torch.stack(losses).sum())  # one synchronisation per iteration

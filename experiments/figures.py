@@ -65,7 +65,7 @@ def pareto_figure(agg: pd.DataFrame) -> Figure:
             for xi, (_, r) in zip(x, mg.iterrows()):
                 ax.annotate(f"{r['target']:.0%}", (xi, r["top1_mean"]), fontsize=8,
                             xytext=(4, 4), textcoords="offset points", color=c)
-        ax.set(title=f"{model} on {dataset}", ylabel="top-1 accuracy (%)",
+        ax.set(title=f"{model} on {dataset}", ylabel="mAP@0.5 (%)" if str(model).startswith("mmdet:") else "top-1 accuracy (%)",
                xlabel="measured latency, % of the dense model's (timed side by side in each run)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="method (labels: latency target)", title_fontsize=8)

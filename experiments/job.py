@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from halp.counting import count
-from halp.evaluation import evaluate
 from halp.export import save_module
 from halp.fileio import atomic_write_text
 from halp.graph import ChannelGraph
@@ -40,6 +39,7 @@ from .preflight import Preflight, preflight
 from .figures import method_label
 from .preemption import PreemptionGuard
 from .runtime import CPU, Runtime
+from .tasks import task_for
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def make_pruner(cfg: JobConfig, graph: ChannelGraph, cost: CostModel, runtime: R
     if cfg.method_name == DENSE:
         raise ValueError("method 'dense' does not prune")
     context = PrunerContext(seed=cfg.seed, threads=cfg.finetune.threads, progress=cfg.progress,
-                            device=str(runtime.device))
+                            device=str(runtime.device), score=task_for(cfg.model.name).score)
     return create_pruner(cfg.method_name, graph, cost, cfg.prune, cfg.method_cfg, context)
 
 
@@ -93,9 +93,9 @@ def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:
 
     Returns the result record on rank 0 (``None`` on other ranks). On a preemption signal the
     job checkpoints and hands over to submitit (requeue) or exits; rerunning it resumes."""
-    if cfg.model.name.startswith("mmdet:") or cfg.data.name == "voc":
-        raise NotImplementedError("detection (SSD on VOC) is not wired into the job yet; the ssd_voc preset is a "
-                                  "placeholder that records the paper's setting (see the detection issue)")
+    if task_for(cfg.model.name).name != ("detection" if cfg.data.name == "voc" else "classification"):
+        raise ValueError(f"model {cfg.model.name} does not fit data.name={cfg.data.name}: detectors (mmdet:...) "
+                         "train on VOC-layout data (data=voc), classifiers on the others")
     run_dir = Path(run_dir)
     done = completed_record(cfg, run_dir)
     if done is not None:  # a rerun sweep resumes: finished jobs are not run twice
@@ -134,6 +134,7 @@ def _preflight(cfg: JobConfig, splits: JobData, de: distributed.DistEnv) -> Pref
 def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: PreemptionGuard,
          runtime: Runtime = CPU) -> dict | None:
     cache = Path(cfg.cache_dir)
+    task = task_for(cfg.model.name)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.dense.threads)
@@ -176,7 +177,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
                         step=entry.iteration)
         trainer = Trainer(model, splits.train, splits.val, cfg.finetune, pruner=pruner,
                           checkpoint=run_dir / "checkpoint.pt", progress=cfg.progress, on_prune=report,
-                          dist=de, should_stop=guard.requested, runtime=runtime, loader=cfg.data.loader(),
+                          dist=de, should_stop=guard.requested, runtime=runtime, loader=cfg.data.loader(), task=task,
                           on_epoch=lambda h: tracker.log({f"val/{k}": v for k, v in h.items()}, step=h["iteration"]))
         if trainer.try_resume():
             resumed = {"iteration": trainer.state.iteration, "prune_step": pruner.step,
@@ -205,29 +206,35 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     masks.save(run_dir / "masks.json", model_name=cfg.model.name)
     model.cpu()  # slimming, export and the latency setting's own device placement start from the CPU
     slim = slim_model(graph, masks).eval()
-    final = evaluate(runtime.model(slim), splits.val, cfg.finetune.eval_batch_size, memory_format=runtime.memory_format)
+    final = task.evaluate(runtime.model(slim), splits.val, cfg.finetune.eval_batch_size,
+                          memory_format=runtime.memory_format)
     slim.cpu()
     save_module(slim, run_dir / "slim.pt")
     log.info("measuring the dense and the slim model end to end")
     dense_t, slim_t = measure_latency(cfg, [dense_copy, slim], splits.input_shape)
+    end_to_end = _end_to_end(cfg, dense_copy, slim, splits.input_shape) if task.name == "detection" else None
     widths = masks.widths()
     counts = count(graph, widths)
     ratio = cfg.prune.target if pruner is not None else 1.0
     target_measured = ratio * dense_t.ms
     train_seconds = st.train_seconds if st else 0.0
     prune_seconds = (st.prune_seconds if st else 0.0) + setup_seconds
+    dense_quality = {"top1": dense_metrics["top1"], "top5": dense_metrics["top5"]} if task.name == "classification" \
+        else {"map50": dense_metrics["map50"], "ap50_per_class": dense_metrics.get("ap50_per_class")}
+    pruned_quality = {"top1": final["top1"], "top5": final["top5"]} if task.name == "classification" \
+        else {"map50": final["map50"], "ap50_per_class": final.get("ap50_per_class")}
     result = {
-        "method": cfg.method_name, "model": cfg.model.name, "dataset": cfg.data.name, "seed": cfg.seed,
+        "method": cfg.method_name, "model": cfg.model.name, "dataset": _dataset_label(cfg), "seed": cfg.seed,
         "target_ratio": ratio, "git_commit": git_commit(), "world_size": de.world,
         "config": asdict(cfg), "lut": {"id": lut.id, "path": str(lut.path), "created": lut.table.meta.get("created"),
                                        "reused": lut.reused, "anchors": lut.table.calibration["anchors"],
                                        "anchor_id": lut.anchor_id, "anchors_measured": lut.anchors_measured,
                                        "setting": lut.table.meta.get("setting"), "device": lut.table.meta.get("device")},
-        "dense": {"top1": dense_metrics["top1"], "top5": dense_metrics["top5"],
+        "dense": {**dense_quality,
                   "checkpoint": dense_metrics["checkpoint"], "reused": dense_metrics["reused"],
                   "latency_ms": dense_t.ms, "latency_spread": dense_t.spread,
                   "predicted_ms": dense_ms, "macs": dense_counts.macs, "params": dense_counts.params},
-        "pruned": {"top1": final["top1"], "top5": final["top5"], "latency_ms": slim_t.ms,
+        "pruned": {**pruned_quality, "latency_ms": slim_t.ms,
                    "latency_spread": slim_t.spread, "predicted_ms": latency_cost.total_ms(widths),
                    "target_ms": target_measured, "target_predicted_ms": ratio * dense_ms,
                    "macs": counts.macs, "params": counts.params, "widths": widths},
@@ -251,6 +258,9 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
         "resumed": resumed,  # where this run continued from a checkpoint (preemption), or None
         "preflight": asdict(checks) if checks else None,
     }
+    if task.name != "classification":
+        result["task"], result["metric"] = task.name, task.metric
+        result["end_to_end"] = end_to_end
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str) + "\n")
     tracker.summary(result)
     tracker.finish()
@@ -259,18 +269,43 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     return result
 
 
+def _dataset_label(cfg: JobConfig) -> str:
+    if cfg.data.name != "voc":
+        return cfg.data.name
+    from .voc import dataset_label
+
+    return dataset_label(cfg.data)
+
+
+def _end_to_end(cfg: JobConfig, dense: torch.nn.Module, slim: torch.nn.Module, shape: tuple) -> dict:
+    """Detectors with post-processing and NMS, dense and slim interleaved (the eager backends only:
+    NMS is not part of an exported graph)."""
+    from halp.detection.ssd import EndToEnd
+
+    if cfg.latency.backend == "onnxruntime":
+        return {"skipped": "end-to-end latency needs the torch backend (NMS is not in the ONNX graph)"}
+    log.info("measuring the dense and the slim detector end to end, with post-processing and NMS")
+    dense_t, slim_t = measure_latency(cfg, [EndToEnd(dense), EndToEnd(slim)], shape)
+    return {"dense_ms": dense_t.ms, "slim_ms": slim_t.ms, "dense_spread": dense_t.spread,
+            "slim_spread": slim_t.spread, "speedup": dense_t.ms / slim_t.ms}
+
+
 def format_result(r: dict) -> str:
     d, p = r["dense"], r["pruned"]
     label = method_label(r["method"])
-    rows = [("", "dense", f"{label} {r['target_ratio']:.0%}"),
-            ("top-1 (%)", f"{d['top1']:.2f}", f"{p['top1']:.2f}"),
-            ("top-5 (%)", f"{d['top5']:.2f}", f"{p['top5']:.2f}"),
+    quality = ([("top-1 (%)", f"{d['top1']:.2f}", f"{p['top1']:.2f}"),
+                ("top-5 (%)", f"{d['top5']:.2f}", f"{p['top5']:.2f}")] if "top1" in d else
+               [("mAP@0.5 (%)", f"{d['map50']:.2f}", f"{p['map50']:.2f}")])
+    rows = [("", "dense", f"{label} {r['target_ratio']:.0%}"), *quality,
             ("measured latency (ms)", f"{d['latency_ms']:.3f}", f"{p['latency_ms']:.3f}"),
             ("target (ms)", "", f"{p['target_ms']:.3f}"),
             ("predicted latency (ms)", f"{d['predicted_ms']:.3f}", f"{p['predicted_ms']:.3f}"),
             ("speedup", "1.00x", f"{r['speedup']:.2f}x"),
             ("MACs (M)", f"{d['macs'] / 1e6:.2f}", f"{p['macs'] / 1e6:.2f}"),
             ("params (k)", f"{d['params'] / 1e3:.1f}", f"{p['params'] / 1e3:.1f}")]
+    e2e = r.get("end_to_end") or {}
+    if "dense_ms" in e2e:
+        rows.append(("end to end, NMS (ms)", f"{e2e['dense_ms']:.3f}", f"{e2e['slim_ms']:.3f}"))
     lines = [f"{a:<24}{b:>12}{c:>14}" for a, b, c in rows]
     lines.append(f"measured / target = {r['latency_vs_target']:.3f}; pruning overhead "
                  f"{r['pruning_overhead_pct']:.2f}% of fine-tune training time; total {r['wall_seconds']['total']:.0f}s")

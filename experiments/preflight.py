@@ -55,6 +55,10 @@ def preflight(cfg: JobConfig, input_shape: tuple[int, ...], num_classes: int, me
     cannot succeed. ``measure_floor=False`` skips the end-to-end floor measurement (latency only)."""
     t0 = time.perf_counter()
     model = new_model(cfg, num_classes, input_shape[0]).eval()
+    size = getattr(model, "input_size", None)  # detectors: anchors are laid out for one input size
+    if size is not None and tuple(input_shape[1:]) != (size, size):
+        raise ValueError(f"{cfg.model.name} takes {size} x {size} images, but the data give "
+                         f"{input_shape[1]} x {input_shape[2]}: set data.image_size={size}")
     graph = ChannelGraph.build(model, input_shape)
     fixed = {g.id: "; ".join(g.unsupported) for g in graph.groups.values() if not g.prunable}
     if fixed:

@@ -79,6 +79,8 @@ def load_records(runs_dir: str | Path, warn: Warn | None = None) -> tuple[pd.Dat
     """Read every ``**/result.json`` under ``runs_dir`` into one row per run.
 
     Columns are the record's scalar fields flattened with dots (``pruned.top1``), plus ``run``
+    and ``metric`` (what the quality columns ``pruned.top1``/``dense.top1`` hold: top-1 accuracy,
+    or a detector's mAP@0.5 — records with ``"metric": "map50"``),
     (directory relative to ``runs_dir``), ``target`` (rounded ratio), ``predicted_over_measured``,
     and the object columns ``_widths``, ``_full_widths``, ``_config`` (not written to CSV).
     Returns the frame and the skipped files with reasons. Raises FileNotFoundError if the
@@ -99,6 +101,14 @@ def load_records(runs_dir: str | Path, warn: Warn | None = None) -> tuple[pd.Dat
             missing = [k for k in REQUIRED if flat.get(k) is None]
             if missing:
                 raise ValueError(f"missing required field(s) {', '.join(missing)}")
+            metric = str(rec.get("metric") or "top1")
+            if metric != "top1":  # detectors: the headline metric (mAP@0.5) fills the quality column
+                for part in ("pruned", "dense"):
+                    flat[f"{part}.top1"] = flat.get(f"{part}.{metric}")
+                missing = [k for k in REQUIRED if flat.get(k) is None]
+                if missing:
+                    raise ValueError(f"missing required field(s) {', '.join(missing)}")
+            flat["metric"] = metric
             flat.update({k: str(flat[k]) for k in ("method", "model", "dataset")})
             flat["target"] = round(float(flat["target_ratio"]), 4)
             float(flat["pruned.top1"]), float(flat["pruned.latency_ms"])  # must be numbers
@@ -248,12 +258,20 @@ def _device_line(df: pd.DataFrame) -> str:
     return "; ".join(parts[:4]) + (" (mixed devices/settings!)" if len(parts) > 1 else "")
 
 
+METRIC_LABELS = {"top1": "top-1 (%)", "map50": "mAP@0.5 (%)"}
+
+
+def quality_label(model: str) -> str:
+    """The quality column's name for ``model``'s section: detectors (``mmdet:``) report mAP@0.5."""
+    return METRIC_LABELS["map50" if str(model).startswith("mmdet:") else "top1"]
+
+
 def section_table(agg: pd.DataFrame, extra: bool = True) -> str:
     """The paper-layout Markdown table of one model/dataset section of ``aggregate``'s output."""
     mf, mu = _scale(agg["macs_mean"], ((1e9, "G"), (1e6, "M"), (1e3, "k")))
     pf, pu = _scale(agg["params_mean"], ((1e6, "M"), (1e3, "k")))
     ld = _lat_digits(float(np.nanmax(agg["latency_ms_mean"])))
-    header = ["method", "target", f"MACs ({mu})", "top-1 (%)", "latency (ms)", "speedup"]
+    header = ["method", "target", f"MACs ({mu})", quality_label(agg["model"].iloc[0]), "latency (ms)", "speedup"]
     header += ["n", f"params ({pu})", "measured/target", "predicted/measured", "wall (s)"] if extra else []
     rows = []
     for _, r in agg.iterrows():
@@ -290,6 +308,12 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower().rsplit(":", 1)[-1])
 
 
+def _same_model(ours: str, ref: str) -> bool:
+    """Our model name against a published row's: equal once normalised, or any mmdet SSD against the
+    paper's "ssd" (its detector is SSD512-RN50; ours name the backbone and input size)."""
+    return _norm(ours) == _norm(ref) or (str(ours).startswith("mmdet:ssd") and _norm(ref) == "ssd")
+
+
 def _same_dataset(a: str, b: str) -> bool:
     a, b = _norm(a), _norm(b)
     return bool(a and b) and (a.startswith(b) or b.startswith(a))
@@ -310,7 +334,7 @@ def paper_markdown(agg: pd.DataFrame, reference: Path) -> str:
     ref_models = sorted(set(ref["model"].map(_norm)))
     for model, dataset, g in sections(agg):
         out += [f"## {model} on {dataset}", ""]
-        mine = ref[ref["model"].map(_norm) == _norm(model)]
+        mine = ref[ref["model"].map(lambda r: _same_model(model, r))]
         same = mine[mine["dataset"].map(lambda d: _same_dataset(d, dataset))] if len(mine) else mine
         if len(same):
             out += [f"Published rows for {_norm(model)} on {dataset}:", "", _md_table(cols, same.values.tolist()), ""]

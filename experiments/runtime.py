@@ -102,8 +102,11 @@ class Runtime:
         x = x.to(self.device, non_blocking=self.is_cuda)
         return x.contiguous(memory_format=self.memory_format) if self.channels_last and x.dim() == 4 else x
 
-    def labels(self, y: torch.Tensor) -> torch.Tensor:
-        return y.to(self.device, non_blocking=self.is_cuda)
+    def labels(self, y: torch.Tensor | list) -> torch.Tensor | list:
+        """Class labels, or detection targets (a list of per-image dicts of tensors), on the device."""
+        if isinstance(y, torch.Tensor):
+            return y.to(self.device, non_blocking=self.is_cuda)
+        return [{k: v.to(self.device, non_blocking=self.is_cuda) for k, v in t.items()} for t in y]
 
     def peak_memory_mb(self) -> float:
         """Peak memory of this process: allocated CUDA memory on a GPU, resident set size on the CPU."""

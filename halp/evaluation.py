@@ -7,7 +7,7 @@ experiment suite's trainer share these, so both read a dataset the same way: who
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,16 @@ def reseed_dataset(dataset: Dataset, seed: int) -> None:
         dataset = getattr(dataset, "dataset", None)
 
 
-def fetch_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_of(dataset: Dataset) -> Callable[[list], Any]:
+    """How ``dataset`` (or the dataset a Subset wraps) batches its items: its own ``collate``
+    (detection sets: images stacked, targets listed) or torch's default."""
+    while dataset is not None:
+        if callable(getattr(dataset, "collate", None)):
+            return dataset.collate
+        dataset = getattr(dataset, "dataset", None)
+    return default_collate
+
+
+def fetch_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, Any]:
     items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
-    return default_collate(items)
+    return collate_of(dataset)(items)

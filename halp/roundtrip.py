@@ -55,6 +55,13 @@ class RoundTrip:
         return {**asdict(self), "ok": self.ok}
 
 
+def flat_output(out: torch.Tensor | tuple | list) -> torch.Tensor:
+    """A network's output as one ``(batch, -1)`` tensor (detectors return a tuple of maps)."""
+    if isinstance(out, torch.Tensor):
+        return out.flatten(1)
+    return torch.cat([o.flatten(1) for o in out], 1)
+
+
 def roundtrip(graph: ChannelGraph, seed: int = 0, vanish_prob: float = 0.2,
               include_stem: bool = True) -> RoundTrip:
     """Random masks (every group at least one channel, some residual branches emptied with
@@ -66,7 +73,7 @@ def roundtrip(graph: ChannelGraph, seed: int = 0, vanish_prob: float = 0.2,
     slim = slim_model(graph, masks)
     x = torch.randn(2, *graph.input_shape, generator=gen)
     with torch.no_grad():
-        a, b = masked.eval()(x), slim.eval()(x)
+        a, b = flat_output(masked.eval()(x)), flat_output(slim.eval()(x))
     predicted = count(graph, masks.widths())
     io = graph.layer_widths(masks.widths())
     mismatch = next((n for n, (ci, co) in io.items() if _io(slim, n) not in (None, (ci, co))), None)

@@ -1,4 +1,6 @@
-"""Model zoo by name: ``torchvision:<name>``, ``timm:<name>`` and our CPU-scale ``halp:<name>``.
+"""Model zoo by name: ``torchvision:<name>``, ``timm:<name>``, our CPU-scale ``halp:<name>`` and
+mmdet SSD detectors ``mmdet:<preset or config.py>`` (see :mod:`halp.detection.ssd`; needs the
+``det`` extra).
 
 >>> model = create_model("halp:resnet20", num_classes=10, in_chans=1)
 """
@@ -12,7 +14,7 @@ from . import blocks  # noqa: F401  (registers torchvision's and timm's residual
 from .cifar_resnet import CifarResNet
 from .mobilenetv2 import CompactMobileNetV2
 
-SOURCES = ("halp", "torchvision", "timm")
+SOURCES = ("halp", "torchvision", "timm", "mmdet")
 
 _HALP_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -50,6 +52,10 @@ def list_models(source: str = "halp") -> list[str]:
         import timm
 
         return [f"timm:{n}" for n in timm.list_models()]
+    if source == "mmdet":
+        from ..detection.ssd import PRESETS
+
+        return [f"mmdet:{n}" for n in PRESETS]
     raise ValueError(f"unknown model source {source!r}; choose one of {SOURCES}")
 
 
@@ -85,7 +91,8 @@ def create_model(spec: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
     """Build a randomly initialised model by name.
 
     Args:
-        spec: ``"halp:resnet20"``, ``"torchvision:resnet50"``, ``"timm:mobilenetv1_100"``...
+        spec: ``"halp:resnet20"``, ``"torchvision:resnet50"``, ``"timm:mobilenetv1_100"``,
+            ``"mmdet:ssd512_r50"``...
         num_classes: classifier outputs.
         in_chans: image channels (1 for Fashion-MNIST).
         kwargs: passed to the model's constructor (e.g. ``width=0.5`` for ``halp:`` models).
@@ -107,6 +114,10 @@ def create_model(spec: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
         if in_chans != 3:
             _replace_input_conv(model, in_chans)
         return model
+    if source == "mmdet":
+        from ..detection.ssd import build_ssd
+
+        return build_ssd(name, num_classes=num_classes, in_chans=in_chans)
     import timm
 
     if not timm.is_model(name):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -70,11 +70,15 @@ def percent(fraction: float) -> str:
 class PrunerContext:
     """What the driver of a run tells every pruner: the run's seed (methods that draw random
     numbers use it), the CPU threads it may use, whether to show progress bars, and the device
-    that methods which run the model themselves (EagleEye's scoring) should run it on."""
+    that methods which run the model themselves (EagleEye's scoring) should run it on, and the
+    quality such methods maximise: ``score(model, dataset, batch_size) -> float``, higher is better
+    (``None``: top-1 accuracy; a detection job passes mAP). It must be a module-level function:
+    scoring processes receive it pickled by name."""
     seed: int = 0
     threads: int = 1
     progress: bool = False
     device: str = "cpu"
+    score: Callable[[nn.Module, Any, int], float] | None = None
 
 
 def check_chunk(chunk: int | str) -> None:

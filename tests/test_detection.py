@@ -1,0 +1,307 @@
+"""Detection: mmdet SSD as a prunable CNN, the mmcv stand-in, the VOC loader, Fashion-Det and mAP.
+
+Oracles: a brute-force greedy NMS (the stand-in's keeps), the masked detector (the slim one's raw
+head outputs, at full size for both paper presets), hand-computed average precisions (the metric),
+and the pixels the generator drew (Fashion-Det's boxes).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mmdet", reason="detection needs the det extra (mmdet, mmengine, mmcv-lite)")
+
+from halp.detection import mmcv_compat  # noqa: E402
+from halp.detection.evaluation import eval_mode_for, voc_map  # noqa: E402
+from halp.detection.ssd import EndToEnd, RawSSD, build_ssd, detector_config  # noqa: E402
+from halp.export import load_module, save_module  # noqa: E402
+from halp.graph import ChannelGraph  # noqa: E402
+from halp.masks import ChannelMasks  # noqa: E402
+from halp.residual import vanished_blocks  # noqa: E402
+from halp.slim import masked_copy, slim_model  # noqa: E402
+
+from conftest import randomize_norms  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------- the mmcv stand-in
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[int]:
+    """Textbook NMS: take the best box left, drop every box overlapping it by more than ``thr``."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    keep: list[int] = []
+    for i in order:
+        ok = True
+        for j in keep:
+            a, b = boxes[i], boxes[j]
+            w = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+            h = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+            inter = w * h
+            union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+            if inter / union > thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def random_boxes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 200
+    wh = torch.rand(n, 2, generator=g) * 60 + 4
+    return torch.cat([xy, xy + wh], 1), torch.rand(n, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_standin_nms_keeps_what_greedy_nms_keeps():
+    assert mmcv_compat.ensure_mmcv_ops() in ("mmcv", mmcv_compat.STANDIN_NAME)
+    for seed in range(3):
+        boxes, scores, cls = random_boxes(300, seed)
+        dets, keep = mmcv_compat.nms(boxes, scores, 0.45)
+        assert keep.tolist() == greedy_nms(boxes, scores, 0.45)
+        torch.testing.assert_close(dets[:, 4], scores[keep])
+        # per class: greedy NMS within each class, merged by score
+        dets, keep = mmcv_compat.batched_nms(boxes, scores, cls, {"type": "nms", "iou_threshold": 0.5})
+        want = [i for c in range(4) for i in (torch.nonzero(cls == c).flatten()[
+            greedy_nms(boxes[cls == c], scores[cls == c], 0.5)]).tolist()]
+        assert sorted(keep.tolist()) == sorted(want)
+        assert torch.all(dets[:-1, 4] >= dets[1:, 4])  # by score, descending (mmcv's contract)
+        _, top = mmcv_compat.batched_nms(boxes, scores, cls, {"iou_threshold": 0.5, "max_num": 7})
+        assert top.tolist() == keep[:7].tolist()
+    empty = mmcv_compat.batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                                    {"iou_threshold": 0.5})
+    assert empty[0].shape == (0, 5) and empty[1].numel() == 0
+
+
+def test_standin_placeholders_fail_only_when_used():
+    if mmcv_compat.has_compiled_mmcv():
+        pytest.skip("compiled mmcv present: the real ops are used, no stand-in")
+    import mmcv.ops
+
+    assert mmcv.ops.__halp_standin__ == mmcv_compat.STANDIN_NAME
+    from mmcv.ops import DeformConv2d  # importable (mmdet imports such names at module load)
+    with pytest.raises(NotImplementedError, match="compiled ops"):
+        DeformConv2d(4, 4, 3)
+
+
+# ---------------------------------------------------------------------- detectors and slimming
+def check_slim_detector(model: RawSSD, seed: int, tmp_path: Path) -> None:
+    model = randomize_norms(model).eval()
+    s = model.input_size
+    graph = ChannelGraph.build(model, (3, s, s))
+    assert graph.output_layers and all(".bbox_head." in n for n in graph.output_layers)  # class/box outputs fixed
+    assert any(".neck." in g for g in graph.groups) and any(".backbone." in g for g in graph.groups)
+    masks = ChannelMasks.random(graph, torch.Generator().manual_seed(seed), vanish_prob=0.3)
+    masked, _ = masked_copy(graph, masks)
+    slim = slim_model(graph, masks).eval()
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense, ref, out = model(x), masked.eval()(x), slim(x)
+    assert len(out) == len(ref) == 2 * len(model.detector.bbox_head.cls_convs)
+    changed = 0.0
+    for d, r, o in zip(dense, ref, out):
+        scale = max(float(r.abs().max()), 1e-12)
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * scale)
+        changed = max(changed, float((d - r).abs().max()) / scale)
+    assert changed > 1e-3  # the masks changed the function: the comparison above is not vacuous
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    # saved as a module: loads (in a fresh process) without any mmdet config, detects the same
+    path = save_module(slim, tmp_path / "slim.pt")
+    code = (f"import torch; from halp.export import load_module; m = load_module({str(path)!r}); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}); "
+            f"torch.save([o for o in m.eval()(x)], {str(tmp_path / 'out.pt')!r})")
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+    for o, r in zip(torch.load(tmp_path / "out.pt"), out):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    loaded = load_module(path)
+    dets = loaded.predict(x, score_thr=0.0)
+    assert len(dets) == 2 and all(len(d["boxes"]) == len(d["scores"]) == len(d["labels"]) > 0 for d in dets)
+
+
+@pytest.mark.parametrize("name", ["ssd512_r50", "ssd300", "ssd_tiny"])
+def test_slim_detector_equals_masked_full_size(name, tmp_path):
+    torch.manual_seed(0)
+    model = build_ssd(name, num_classes=20)
+    check_slim_detector(model, seed=3, tmp_path=tmp_path)
+    if name == "ssd300":  # SSD's L2Norm scales conv4_3's stream per channel: that group stays whole
+        graph = ChannelGraph.build(model, (3, 300, 300))
+        l2 = [g for g in graph.groups.values() if g.unsupported]
+        assert len(l2) == 1 and "l2_norm" in l2[0].unsupported[0] and not l2[0].prunable
+    if name == "ssd_tiny":  # ResNet branches can empty; the slim detector still equals the masked one
+        graph = ChannelGraph.build(model.eval(), (3, 128, 128))
+        masks = ChannelMasks.random(graph, torch.Generator().manual_seed(0), vanish_prob=1.0)
+        assert vanished_blocks(graph, masks.widths())
+
+
+def test_detector_trains_and_detects():
+    torch.manual_seed(0)
+    model = build_ssd("ssd_tiny", num_classes=3)
+    x = torch.randn(2, 3, 128, 128)
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
+                "difficult": torch.tensor([False])},
+               {"boxes": torch.tensor([[5.0, 50.0, 40.0, 120.0], [70.0, 8.0, 120.0, 50.0]]),
+                "labels": torch.tensor([0, 2]), "difficult": torch.tensor([False, True])}]
+    model.train()
+    loss = model(x, targets)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert all(p.grad is not None for p in model.detector.bbox_head.parameters())
+    model.eval()
+    assert [len(d["boxes"]) for d in EndToEnd(model)(x)] == [len(d["boxes"]) for d in model.predict(x)]
+
+
+def test_config_without_ssd_head_is_refused(tmp_path):
+    cfg = tmp_path / "retina.py"
+    cfg.write_text("model = dict(type='RetinaNet', backbone=dict(type='ResNet', depth=18), "
+                   "bbox_head=dict(type='RetinaHead', num_classes=20, in_channels=256))\n")
+    with pytest.raises(ValueError, match="RetinaHead.*not 'SSDHead'"):
+        detector_config(str(cfg), 20)
+    with pytest.raises(ValueError, match="unknown detector"):
+        detector_config("ssd1024", 20)
+    model, size = detector_config("ssd_tiny", 7)
+    assert size == 128 and model["bbox_head"]["num_classes"] == 7
+
+
+# ---------------------------------------------------------------------- the metric
+def _predictor(found):
+    class Fixed(torch.nn.Module):
+        def predict(self, x, score_thr=None):
+            return found
+
+    return Fixed()
+
+
+def test_voc_map_matches_hand_computed_ap():
+    # class 0: two objects; detections: a false positive (0.9), then a hit (0.8). Precision/recall
+    # after each: (0, 0), (1/2, 1/2). 11-point AP = 6 recall levels (0..0.5) x 1/2 / 11; area = 1/4.
+    # class 1: one object found by the best detection: AP 1. A difficult object of class 1 matched
+    # by a low-score detection counts neither way.
+    t = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0],
+                                 [80.0, 80.0, 90.0, 90.0]]),
+          "labels": torch.tensor([0, 0, 1, 1]), "difficult": torch.tensor([False, False, False, True])}]
+    found = [{"boxes": torch.tensor([[40.0, 0.0, 45.0, 5.0], [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0],
+                                     [80.0, 80.0, 90.0, 90.0]]),
+              "scores": torch.tensor([0.9, 0.8, 0.95, 0.1]), "labels": torch.tensor([0, 0, 1, 1])}]
+    x = torch.zeros(1, 3, 8, 8)
+    eleven = voc_map(_predictor(found), [(x, t)], ("a", "b"), "11points", device="cpu")
+    assert eleven["ap50_per_class"]["a"] == pytest.approx(100 * 6 * 0.5 / 11)
+    assert eleven["ap50_per_class"]["b"] == pytest.approx(100.0)
+    assert eleven["map50"] == pytest.approx(100 * (6 * 0.5 / 11 + 1) / 2)
+    area = voc_map(_predictor(found), [(x, t)], ("a", "b"), "area", device="cpu")
+    assert area["ap50_per_class"]["a"] == pytest.approx(25.0)
+    assert eval_mode_for("VOC2007/test") == "11points" and eval_mode_for("VOC2012/val") == "area"
+
+
+# ---------------------------------------------------------------------- Fashion-Det and the VOC loader
+@pytest.fixture(scope="module")
+def fashiondet(tmp_path_factory):
+    from experiments.data import FASHION_MNIST_ROOT
+
+    if not Path(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/bootstrap.sh installs it)")
+    from experiments.fashiondet import make_fashiondet
+
+    return make_fashiondet(tmp_path_factory.mktemp("fd") / "fashiondet", train=24, test=8, progress=False)
+
+
+def test_fashiondet_is_voc_layout_with_tight_boxes(fashiondet, tmp_path):
+    from PIL import Image
+
+    from experiments.fashiondet import CLASSES, make_fashiondet
+    from experiments.voc import detection_splits
+
+    base = fashiondet / "VOC2007"
+    assert (fashiondet / "classes.txt").read_text().split() == list(CLASSES)
+    assert len((base / "ImageSets/Main/trainval.txt").read_text().split()) == 24
+    train, plain, test, classes = detection_splits(fashiondet, ["VOC2007/trainval"], ["VOC2007/test"], 128,
+                                                   (0.0,) * 3, (1.0,) * 3, augment=False, cache=False)
+    assert classes == CLASSES and len(train) == 24 and len(test) == 8 and test.split == "VOC2007/test"
+    counts = []
+    for ann in train.annotations:
+        img = np.asarray(Image.open(ann.image).convert("L"), dtype=np.float32)
+        counts.append(len(ann.labels))
+        for (x1, y1, x2, y2) in ann.boxes.astype(int):
+            inside = img[y1:y2, x1:x2]
+            assert inside.size > 0
+            # tight: the box's border rows/columns hold item pixels (brighter than the background)
+            ring = np.concatenate([inside[0], inside[-1], inside[:, 0], inside[:, -1]])
+            assert ring.max() > np.median(img) + 20
+    assert 1 <= min(counts) and max(counts) <= 4 and len(set(counts)) > 1
+    # same seed, same bytes; another seed, other canvases
+    again = make_fashiondet(tmp_path / "again", train=24, test=8, progress=False)
+    first = sorted((base / "JPEGImages").iterdir())[0]
+    assert (again / "VOC2007/JPEGImages" / first.name).read_bytes() == first.read_bytes()
+    other = make_fashiondet(tmp_path / "other", train=24, test=8, seed=1, progress=False)
+    assert (other / "VOC2007/JPEGImages" / first.name).read_bytes() != first.read_bytes()
+    with pytest.raises(FileExistsError):
+        make_fashiondet(tmp_path / "again", train=2, test=2, progress=False)
+
+
+def test_voc_loader_reads_boxes_flags_and_flips(fashiondet, tmp_path):
+    import shutil
+
+    from experiments.voc import detection_splits, load_annotations
+
+    root = tmp_path / "voc"
+    shutil.copytree(fashiondet, root)
+    xml = sorted((root / "VOC2007/Annotations").glob("trainval_*.xml"))[0]
+    text = xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1)
+    xml.write_text(text)
+    ann = load_annotations(root, ["VOC2007/trainval"], tuple((root / "classes.txt").read_text().split()))[0]
+    assert ann.difficult[0] and not ann.difficult[1:].any()
+    xmin = int(text.split("<xmin>")[1].split("<")[0])
+    assert ann.boxes[0, 0] == xmin - 1  # VOC's 1-based corner, 0-based here
+    train, plain, _, _ = detection_splits(root, ["VOC2007/trainval"], ["VOC2007/test"], 64, (0.0,) * 3,
+                                          (1.0,) * 3, augment=True, cache=True)
+    x, t = plain[0]
+    assert x.shape == (3, 64, 64)
+    torch.testing.assert_close(t["boxes"], torch.from_numpy(ann.boxes) * 0.5)  # 128 -> 64 px
+    flipped = None
+    for seed in range(20):  # the flip is drawn from torch's RNG (reseeded per batch by the trainer)
+        torch.manual_seed(seed)
+        xa, ta = train[0]
+        if not torch.equal(xa, x):
+            flipped = (xa, ta)
+            break
+    assert flipped is not None
+    torch.testing.assert_close(flipped[0], x.flip(-1))
+    torch.testing.assert_close(flipped[1]["boxes"][:, [0, 2]], 64 - t["boxes"][:, [2, 0]])
+    images, targets = plain.collate([plain[0], plain[1]])
+    assert images.shape == (2, 3, 64, 64) and len(targets) == 2
+
+
+@pytest.mark.parametrize("defect", ["no_imagesets", "unknown_class", "bad_image", "missing_root"])
+def test_bad_voc_input_is_a_clear_error(defect, fashiondet, tmp_path):
+    import shutil
+
+    from experiments.config import JobConfig
+    from experiments.data import DataConfig
+    from experiments.job import ModelConfig, run_job
+
+    root = tmp_path / "voc"
+    shutil.copytree(fashiondet, root)
+    if defect == "no_imagesets":
+        shutil.rmtree(root / "VOC2007/ImageSets")
+        match = "no ImageSets"
+    elif defect == "unknown_class":
+        xml = sorted((root / "VOC2007/Annotations").glob("test_*.xml"))[0]
+        xml.write_text(xml.read_text().replace("<name>", "<name>zebra", 1))
+        match = "names the class 'zebra.*not one of"
+    elif defect == "bad_image":
+        sorted((root / "VOC2007/JPEGImages").glob("trainval_*.jpg"))[3].write_bytes(b"not a jpeg at all")
+        match = "cannot be decoded"
+    else:
+        root = tmp_path / "nowhere"
+        match = "VOC root .* not found.*make-fashiondet"
+    cfg = JobConfig(model=ModelConfig(name="mmdet:ssd_tiny"),
+                    data=DataConfig(name="voc", root=str(root), image_size=128, voc_train=("VOC2007/trainval",),
+                                    voc_test=("VOC2007/test",)), cache_dir=str(tmp_path / "cache"), progress=False)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run_job(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing written
