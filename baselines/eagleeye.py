@@ -251,7 +251,9 @@ class EagleEyePruner(Pruner):
         self.applier.apply()
         self.search = {"draws": draws, "max_rate": rate, "sampler": sampler, "window": list(self.window), "best": best,
                        "candidates": [{"widths": {g.id: w[g.id] for g in self.groups}, "resource": self.measure(w),
-                                       "predicted_ms": self.cost.total_ms(w), "holdout_top1": s}
+                                       "predicted_ms": self.cost.total_ms(w),
+                                       # top-1 by default; the context's own score (a detector's mAP) is named so
+                                       ("holdout_top1" if self.score is None else "holdout_score"): s}
                                       for w, s in zip(widths, scores)]}
         self.record(self.final_target_ms, self.predicted_ms(), sum(g.width for g in self.groups)
                     - sum(self.widths()[g.id] for g in self.groups))

@@ -80,17 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{ckpt}: {setting.backend} batch {setting.batch}, {setting.threads} thread(s), {args.rounds} rounds "
               f"x {args.repeat}, all interleaved; dense " + ", ".join(f"{t[0].ms:.2f} ms ({t[0].spread:.0%} spread)"
                                                                    for t in repeats))
-        print(f"{'run':<50}{'target':>7}{'slim/dense (median, range)':>30}{'job said':>10}{'top-1':>8}")
+        metric = members[0][1].get("metric", "top1")  # detectors: mAP@0.5
+        print(f"{'run':<50}{'target':>7}{'slim/dense (median, range)':>30}{'job said':>10}{metric:>8}")
         for i, (run_dir, rec, _) in enumerate(members, start=1):
             ratios = [t[i].ms / t[0].ms for t in repeats]
             name = str(run_dir.relative_to(args.runs_dir))  # sweeps reuse job names
             row = {"run": name, "method": rec["method"], "target": rec["target_ratio"],
                    "dense_ms": dense_ms, "slim_ms": [t[i].ms for t in repeats], "spread": [t[i].spread for t in repeats],
                    "ratios": ratios, "ratio": float(np.median(ratios)),
-                   "job_ratio": rec["pruned"]["latency_ms"] / rec["dense"]["latency_ms"], "top1": rec["pruned"]["top1"]}
+                   "job_ratio": rec["pruned"]["latency_ms"] / rec["dense"]["latency_ms"],
+                   "metric": metric, metric: rec["pruned"][metric]}
             out.append(row)
             span = f"{row['ratio']:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
-            print(f"{name:<50}{row['target']:>7.0%}{span:>30}{row['job_ratio']:>10.3f}{row['top1']:>8.2f}")
+            print(f"{name:<50}{row['target']:>7.0%}{span:>30}{row['job_ratio']:>10.3f}{row[metric]:>8.2f}")
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     return 0

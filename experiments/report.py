@@ -98,16 +98,13 @@ def load_records(runs_dir: str | Path, warn: Warn | None = None) -> tuple[pd.Dat
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
             flat = _flatten(rec)
-            missing = [k for k in REQUIRED if flat.get(k) is None]
-            if missing:
-                raise ValueError(f"missing required field(s) {', '.join(missing)}")
             metric = str(rec.get("metric") or "top1")
             if metric != "top1":  # detectors: the headline metric (mAP@0.5) fills the quality column
                 for part in ("pruned", "dense"):
                     flat[f"{part}.top1"] = flat.get(f"{part}.{metric}")
-                missing = [k for k in REQUIRED if flat.get(k) is None]
-                if missing:
-                    raise ValueError(f"missing required field(s) {', '.join(missing)}")
+            missing = [k for k in REQUIRED if flat.get(k) is None]
+            if missing:
+                raise ValueError(f"missing required field(s) {', '.join(missing)}")
             flat["metric"] = metric
             flat.update({k: str(flat[k]) for k in ("method", "model", "dataset")})
             flat["target"] = round(float(flat["target_ratio"]), 4)

@@ -288,6 +288,6 @@ def test_loader_validation(change, match):
 
 
 def test_registry_and_name_spelling():
-    assert set(DATASETS) == {"fashion_mnist", "cifar10", "imagenet", "synthetic"}
+    assert set(DATASETS) == {"fashion_mnist", "cifar10", "imagenet", "synthetic", "voc"}
     info = build_datasets(DataConfig(name="Synthetic", synthetic_samples=8))[3]
     assert info.train_size == 8 and info.val_size == 2

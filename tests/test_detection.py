@@ -117,8 +117,8 @@ def check_slim_detector(model: RawSSD, seed: int, tmp_path: Path) -> None:
             f"torch.save([o for o in m.eval()(x)], {str(tmp_path / 'out.pt')!r})")
     torch.save(x, tmp_path / "x.pt")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
-    for o, r in zip(torch.load(tmp_path / "out.pt"), out):
-        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    for o, r in zip(torch.load(tmp_path / "out.pt"), out):  # another process may pick other conv kernels
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * max(float(r.abs().max()), 1e-12))
     loaded = load_module(path)
     dets = loaded.predict(x, score_thr=0.0)
     assert len(dets) == 2 and all(len(d["boxes"]) == len(d["scores"]) == len(d["labels"]) > 0 for d in dets)
@@ -211,8 +211,6 @@ def fashiondet(tmp_path_factory):
 
 
 def test_fashiondet_is_voc_layout_with_tight_boxes(fashiondet, tmp_path):
-    from PIL import Image
-
     from experiments.fashiondet import CLASSES, make_fashiondet
     from experiments.voc import detection_splits
 
@@ -222,16 +220,7 @@ def test_fashiondet_is_voc_layout_with_tight_boxes(fashiondet, tmp_path):
     train, plain, test, classes = detection_splits(fashiondet, ["VOC2007/trainval"], ["VOC2007/test"], 128,
                                                    (0.0,) * 3, (1.0,) * 3, augment=False, cache=False)
     assert classes == CLASSES and len(train) == 24 and len(test) == 8 and test.split == "VOC2007/test"
-    counts = []
-    for ann in train.annotations:
-        img = np.asarray(Image.open(ann.image).convert("L"), dtype=np.float32)
-        counts.append(len(ann.labels))
-        for (x1, y1, x2, y2) in ann.boxes.astype(int):
-            inside = img[y1:y2, x1:x2]
-            assert inside.size > 0
-            # tight: the box's border rows/columns hold item pixels (brighter than the background)
-            ring = np.concatenate([inside[0], inside[-1], inside[:, 0], inside[:, -1]])
-            assert ring.max() > np.median(img) + 20
+    counts = [len(ann.labels) for ann in train.annotations]
     assert 1 <= min(counts) and max(counts) <= 4 and len(set(counts)) > 1
     # same seed, same bytes; another seed, other canvases
     again = make_fashiondet(tmp_path / "again", train=24, test=8, progress=False)
@@ -241,6 +230,28 @@ def test_fashiondet_is_voc_layout_with_tight_boxes(fashiondet, tmp_path):
     assert (other / "VOC2007/JPEGImages" / first.name).read_bytes() != first.read_bytes()
     with pytest.raises(FileExistsError):
         make_fashiondet(tmp_path / "again", train=2, test=2, progress=False)
+
+
+def test_fashiondet_boxes_are_tight_around_the_drawn_pixels():
+    """Oracle: the canvas minus the same background (the generator draws the background first from
+    the same RNG): every pixel the item changed lies in its box, and the box is no larger than the
+    changed pixels (within one pixel of resampling)."""
+    from experiments.fashiondet import _background, compose
+
+    g = torch.Generator().manual_seed(0)
+    items = (torch.rand(6, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    items[:, :, :4] = 0  # a dark margin, as Fashion-MNIST items have
+    items[:, :, :, 24:] = 0
+    labels = torch.arange(6)
+    for seed in range(6):
+        canvas, objects = compose(np.random.default_rng(seed), items, labels, size=96, max_items=1)
+        background = _background(np.random.default_rng(seed), 96)
+        diff = np.abs(canvas.astype(np.float32) - background).max(-1)
+        (label, (x1, y1, x2, y2)), = objects
+        ys, xs = np.nonzero(diff > 4)  # drawn (beyond the uint8 rounding of the background)
+        assert x1 - 1 <= xs.min() + 1 and xs.max() + 1 <= x2 + 1 and y1 - 1 <= ys.min() + 1 and ys.max() + 1 <= y2 + 1
+        ys, xs = np.nonzero(diff > 0.2 * 255 * 0.55)  # clearly drawn: alpha well above the box's 0.1
+        assert xs.min() <= x1 + 1 and xs.max() + 1 >= x2 - 1 and ys.min() <= y1 + 1 and ys.max() + 1 >= y2 - 1
 
 
 def test_voc_loader_reads_boxes_flags_and_flips(fashiondet, tmp_path):
@@ -305,3 +316,41 @@ def test_bad_voc_input_is_a_clear_error(defect, fashiondet, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         run_job(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing written
+
+
+# ---------------------------------------------------------------------- every method on a detector
+@pytest.mark.parametrize("method", ["halp", "magnitude", "taylor", "eagleeye"])
+def test_every_method_prunes_a_detector_end_to_end(method, fashiondet, tmp_path):
+    """`halp-run experiment=fashiondet_ssd method=X` at toy scale: the shared job (dense training,
+    pruning while fine-tuning, slimming, mAP, both latencies) with every method; EagleEye picks
+    its candidate by holdout mAP. Latency is priced by a synthetic table (decisions must not depend
+    on this machine's load) and still measured."""
+    from hydra import compose, initialize_config_dir
+
+    import experiments.run  # noqa: F401  (registers the schema)
+    from conftest import synthetic_table
+    from experiments.job import run_job
+    from halp.models import create_model
+    from omegaconf import OmegaConf
+
+    graph = ChannelGraph.build(create_model("mmdet:ssd_tiny", num_classes=10).eval(), (3, 128, 128))
+    table = synthetic_table(graph, lambda spec, ci, co: 1e-3 * ci * co * spec.input_hw[0] * spec.input_hw[1] / 64
+                            + 0.02, step=8)
+    path = table.save(tmp_path / "table.json")
+    over = ["experiment=fashiondet_ssd", f"method={method}", f"data.root={fashiondet}",
+            f"latency.table={path}", "latency.allow_mismatch=true", "latency.overhead=none", "latency.batch=2",
+            "measure_rounds=1", f"cache_dir={tmp_path / 'cache'}", "progress=false", "prune.interval=1",
+            "prune.steps=2", "prune.target=0.6", "dense.epochs=1", "finetune.epochs=1", "dense.batch_size=8",
+            "finetune.batch_size=8", "dense.eval_batch_size=8", "finetune.eval_batch_size=8"]
+    over += {"taylor": ["method.neurons=8"], "eagleeye": ["method.candidates=3", "method.calib_batches=1",
+                                                          "++method.batch_size=8", "method.holdout=8", "method.window=below",
+                                                          "++method.workers=1"]}.get(method, [])
+    with initialize_config_dir(str(ROOT / "experiments" / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("main", overrides=over))
+    rec = run_job(cfg, tmp_path / "run")
+    assert rec["metric"] == "map50" and rec["dataset"] == "fashiondet" and rec["method"] == method
+    assert rec["budget"]["final"] <= rec["budget"]["target"] * (1 + 1e-6) < rec["budget"]["dense"]
+    assert rec["pruned"]["macs"] < rec["dense"]["macs"] and 0 <= rec["pruned"]["map50"] <= 100
+    assert set(rec["pruned"]["ap50_per_class"]) == set((fashiondet / "classes.txt").read_text().split())
+    if method == "eagleeye":
+        assert rec["search"] and all(0 <= c["holdout_score"] <= 100 for c in rec["search"]["candidates"])

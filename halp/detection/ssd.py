@@ -120,11 +120,13 @@ def detector_config(name: str, num_classes: int) -> tuple[dict, int]:
             raise ValueError(f"{path}: the config defines no `model`")
         model = cfg.model.to_dict()
         model.pop("data_preprocessor", None)
-        size = _input_size(model, path)
+        size = None
     head = model.get("bbox_head") or {}
     if head.get("type") != "SSDHead":
         raise ValueError(f"{name}: halp prunes SSD detectors, but this config's bbox_head is "
                          f"{head.get('type', 'missing')!r}, not 'SSDHead'")
+    if size is None:
+        size = _input_size(model, Path(name))
     model = copy.deepcopy(model)
     model["bbox_head"]["num_classes"] = int(num_classes)
     return model, size
@@ -238,7 +240,9 @@ class RawSSD(nn.Module):
         """mmdet's SSD loss (classification with hard negative mining + smooth L1), summed."""
         feats = self.detector.extract_feat(images)
         losses = self.detector.bbox_head.loss(feats, self._samples(images, targets))
-        return sum(v if isinstance(v, Tensor) else sum(v) for k, v in losses.items() if "loss" in k)
+        # as mmdet's parse_losses: a loss given per image (a list) is the sum of their means
+        return sum(v.mean() if isinstance(v, Tensor) else sum(x.mean() for x in v)
+                   for k, v in losses.items() if "loss" in k)
 
     @torch.no_grad()
     def predict(self, images: Tensor, score_thr: float | None = None) -> list[dict[str, Tensor]]:
