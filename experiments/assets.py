@@ -5,6 +5,7 @@ ms, with the same anchors."""
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import logging
 import time
@@ -54,6 +55,12 @@ class TableInfo:
     anchors_measured: bool = False  # by this job (else read from the cache or the run's pinned file)
 
 
+def file_stem(model_name: str) -> str:
+    """A model name as one file-name part: ``halp:resnet20`` -> ``halp_resnet20``; a config path
+    (``mmdet:/a/b/ssd.py``) keeps its last 80 safe characters (no slashes)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("_")[-80:]
+
+
 def key_of(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -75,7 +82,7 @@ def dense_path(cfg: JobConfig, cache: Path) -> Path:
     if rt.channels_last:
         recipe["channels_last"] = True
     key = key_of(asdict(cfg.model), cfg.data.identity(), recipe, cfg.seed)
-    return cache / "dense" / f"{cfg.model.name.replace(':', '_')}-{key}.pt"
+    return cache / "dense" / f"{file_stem(cfg.model.name)}-{key}.pt"
 
 
 def new_model(cfg: JobConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -136,7 +143,7 @@ def _pretrained(cfg: JobConfig, model: torch.nn.Module, splits: JobData, de: Dis
 def table_path(cfg: JobConfig, graph: ChannelGraph, cache: Path) -> Path:
     s = cfg.latency
     shape = "x".join(map(str, graph.input_shape))
-    name = (f"{cfg.model.name.replace(':', '_')}-w{cfg.model.width}-{shape}-b{s.batch}-t{s.threads}-"
+    name = (f"{file_stem(cfg.model.name)}-w{cfg.model.width}-{shape}-b{s.batch}-t{s.threads}-"
             f"{s.backend}{'-cl' if s.channels_last else ''}{'-' + s.dtype if s.dtype != 'float32' else ''}-s{s.step}")
     r = s.refinement()
     if r.start == 1:

@@ -287,7 +287,7 @@ def test_voc_loader_reads_boxes_flags_and_flips(fashiondet, tmp_path):
     assert images.shape == (2, 3, 64, 64) and len(targets) == 2
 
 
-@pytest.mark.parametrize("defect", ["no_imagesets", "unknown_class", "bad_image", "missing_root"])
+@pytest.mark.parametrize("defect", ["no_imagesets", "unknown_class", "bad_image", "missing_root", "no_ssd_head"])
 def test_bad_voc_input_is_a_clear_error(defect, fashiondet, tmp_path):
     import shutil
 
@@ -307,10 +307,16 @@ def test_bad_voc_input_is_a_clear_error(defect, fashiondet, tmp_path):
     elif defect == "bad_image":
         sorted((root / "VOC2007/JPEGImages").glob("trainval_*.jpg"))[3].write_bytes(b"not a jpeg at all")
         match = "cannot be decoded"
-    else:
+    elif defect == "missing_root":
         root = tmp_path / "nowhere"
         match = "VOC root .* not found.*make-fashiondet"
-    cfg = JobConfig(model=ModelConfig(name="mmdet:ssd_tiny"),
+    else:
+        retina = tmp_path / "retina.py"
+        retina.write_text("model = dict(type='RetinaNet', backbone=dict(type='ResNet', depth=18), "
+                          "bbox_head=dict(type='RetinaHead', num_classes=20, in_channels=256))\n")
+        match = "RetinaHead.*not 'SSDHead'"
+    model = f"mmdet:{tmp_path / 'retina.py'}" if defect == "no_ssd_head" else "mmdet:ssd_tiny"
+    cfg = JobConfig(model=ModelConfig(name=model),
                     data=DataConfig(name="voc", root=str(root), image_size=128, voc_train=("VOC2007/trainval",),
                                     voc_test=("VOC2007/test",)), cache_dir=str(tmp_path / "cache"), progress=False)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
