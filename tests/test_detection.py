@@ -360,3 +360,21 @@ def test_every_method_prunes_a_detector_end_to_end(method, fashiondet, tmp_path)
     assert set(rec["pruned"]["ap50_per_class"]) == set((fashiondet / "classes.txt").read_text().split())
     if method == "eagleeye":
         assert rec["search"] and all(0 <= c["holdout_score"] <= 100 for c in rec["search"]["candidates"])
+
+
+def test_halp_inspect_reads_a_saved_slim_detector(tmp_path, capsys):
+    from halp.cli import main
+
+    torch.manual_seed(0)
+    model = build_ssd("ssd_tiny", num_classes=4).eval()
+    graph = ChannelGraph.build(model, (3, 128, 128))
+    masks = ChannelMasks.random(graph, torch.Generator().manual_seed(1))
+    slim = slim_model(graph, masks)
+    path = save_module(slim, tmp_path / "slim.pt")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"model {path}  input 3x128x128" in out and "-> OK" in out
+    assert "outputs (never pruned): detector.bbox_head.cls_convs.0.0" in out
+    # the groups it lists are the slim detector's: their widths are the kept widths
+    for gid, width in masks.widths().items():
+        assert any(line.split()[:2] == [gid, str(width)] for line in out.splitlines()), gid
