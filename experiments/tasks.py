@@ -1,9 +1,10 @@
 """What the suite trains and how it scores it: image classification or object detection.
 
 A :class:`Task` is the small part of a job that depends on the kind of model: its loss on a batch,
-how a batch's labels reach the device, how a model is scored on the validation set, and which
+how a model is scored on the validation set (and by pruners that score candidates), and which
 number is the job's headline metric. Everything else (data order, schedule, pruning hooks,
-checkpoints, latency, slimming) is shared. The task follows from the model: ``mmdet:<name>`` is
+checkpoints, latency, slimming) is shared; labels reach the device through
+:meth:`experiments.runtime.Runtime.labels` (tensors, or detection targets). The task follows from the model: ``mmdet:<name>`` is
 detection, every other model classification.
 """
 from __future__ import annotations
