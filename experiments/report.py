@@ -316,6 +316,15 @@ def _same_dataset(a: str, b: str) -> bool:
     return bool(a and b) and (a.startswith(b) or b.startswith(a))
 
 
+def _shown(path: Path) -> str:
+    """``path`` as a page shows it: relative to this repository when inside it (pages must not
+    carry the absolute paths of the machine that wrote them), else as given."""
+    try:
+        return Path(path).resolve().relative_to(DEFAULT_REFERENCE.parents[2]).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def paper_markdown(agg: pd.DataFrame, reference: Path) -> str:
     """``paper.md``: published rows (with their grade) beside ours, per model/dataset we ran."""
     out = ["# Published numbers beside ours", ""]
@@ -325,7 +334,7 @@ def paper_markdown(agg: pd.DataFrame, reference: Path) -> str:
     cols = list(ref.columns)
     if not {"model", "dataset"} <= set(cols):
         return "\n".join(out + [f"Reference file {reference} has no model/dataset columns ({', '.join(cols)}).", ""])
-    out += [f"Source: `{reference}` ({len(ref)} rows). `grade`: primary = copied from the authors' own "
+    out += [f"Source: `{_shown(reference)}` ({len(ref)} rows). `grade`: primary = copied from the authors' own "
             "release/abstract; secondary = a summary to be verified against the paper. Published hardware "
             "and accuracy deltas are as stated in the file; they are not re-measured.", ""]
     ref_models = sorted(set(ref["model"].map(_norm)))

@@ -142,6 +142,9 @@ def test_function_summary_and_paper_match(tmp_path):
     paper = (runs / "report" / "paper.md").read_text()
     assert "Published rows for resnet50 on imagenet" in paper and "| primary |" in paper and "HALP-55%" in paper
     assert "resnet101" not in paper.split("Ours:")[0]  # only the matching model's rows
+    # the page names the reference file relative to the repository, not by this machine's path
+    assert "Source: `results/reference/paper_numbers.csv`" in paper
+    assert str(Path(__file__).resolve().parents[1]) not in paper
     table = pd.read_csv(runs / "report" / "table.csv")
     dense = table[table.method == "dense"].iloc[0]  # derived from the runs' dense blocks, one per seed
     assert dense["n"] == 3 and dense["top1_mean"] == pytest.approx(91.1) and dense["source"] != "runs"
@@ -258,3 +261,27 @@ def test_sections_mixing_anchor_ids_are_flagged(tmp_path):
         (runs / name / "result.json").write_text(json.dumps(r))
     summary = build_report(runs, formats=("csv",), figures=False, warn=lambda m: None)
     assert not [w for w in summary.warnings if "anchors" in w]
+
+
+def test_detection_records_report_map_beside_the_papers_ssd_rows(tmp_path):
+    """Records with ``"metric": "map50"`` (detectors) carry mAP@0.5 instead of top-1: the report's
+    quality column is mAP, and the paper's SSD rows are shown beside ours."""
+    runs = tmp_path / "runs"
+    for method in ("halp", "magnitude"):
+        rec = record(method, 0.5, 0, "mmdet:ssd512_r50", "voc")
+        for part in ("dense", "pruned"):
+            q = rec[part].pop("top1")
+            rec[part].pop("top5")
+            rec[part]["map50"] = q - 10
+        rec["task"], rec["metric"] = "detection", "map50"
+        (runs / method).mkdir(parents=True)
+        (runs / method / "result.json").write_text(json.dumps(rec))
+    summary = build_report(runs, figures=False)
+    assert summary.records == 2 and not summary.skipped
+    assert "| mAP@0.5 (%) |" in summary.table_md and "top-1" not in summary.table_md
+    paper = (runs / "report" / "paper.md").read_text()
+    assert "Published rows for ssd512r50 on voc" in paper and "77.42" in paper
+    runs_csv = pd.read_csv(runs / "report" / "runs.csv")
+    assert set(runs_csv["metric"]) == {"map50"}
+    halp = runs_csv[runs_csv.method == "halp"].iloc[0]
+    assert halp["pruned.top1"] == pytest.approx(halp["pruned.map50"])
