@@ -263,6 +263,7 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
         result["end_to_end"] = end_to_end
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str) + "\n")
     tracker.summary(result)
+    tracker.tables(result)
     tracker.finish()
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     (run_dir / "lut-anchors.json").unlink(missing_ok=True)

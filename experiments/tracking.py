@@ -9,6 +9,7 @@ uploads them later); the tests read them back with ``tests/wandb_offline.py``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import numbers
@@ -126,6 +127,23 @@ def _run_id(run_dir: Path, resume_id: str | None) -> str:
     return run_id
 
 
+PRUNE_LOG_COLUMNS = ("step", "iteration", "target_ms", "predicted_ms", "removed", "widths")
+
+
+def result_row(result: Mapping[str, Any]) -> dict[str, Any]:
+    """One run as one table row: what the paper's tables show, from the job's record. ``quality``
+    is the headline metric (``metric``: top-1, or a detector's mAP@0.5)."""
+    metric = result.get("metric", "top1")
+    dense, pruned = result.get("dense") or {}, result.get("pruned") or {}
+    return {"method": result.get("method"), "model": result.get("model"), "dataset": result.get("dataset"),
+            "seed": result.get("seed"), "target": result.get("target_ratio"), "metric": metric,
+            "dense_quality": dense.get(metric), "quality": pruned.get(metric),
+            "dense_ms": dense.get("latency_ms"), "latency_ms": pruned.get("latency_ms"),
+            "speedup": result.get("speedup"), "latency_vs_target": result.get("latency_vs_target"),
+            "predicted_ms": pruned.get("predicted_ms"), "macs": pruned.get("macs"), "params": pruned.get("params"),
+            "git_commit": result.get("git_commit")}
+
+
 class Tracker:
     """A W&B run (or a no-op). Use :meth:`start`; usable as a context manager."""
 
@@ -202,6 +220,22 @@ class Tracker:
         """Copy numeric/str leaves of ``result`` (flattened with '/') into the run summary."""
         items = {k: s for k, v in flatten(result).items() if (s := _scalar(v)) is not None}
         self._guard("summary", lambda: self._run.summary.update(items))
+
+    def tables(self, result: Mapping[str, Any]) -> None:
+        """Log the run's result row (``result/row``) and its per-step pruning log
+        (``result/prune_log``) as ``wandb.Table``s: a W&B workspace (or report) can then join
+        runs into the paper's tables. ``result`` is the job's record."""
+        def log() -> None:
+            import wandb
+
+            row = result_row(result)
+            steps = [[e.get("step"), e.get("iteration"), e.get("target_ms"), e.get("predicted_ms"),
+                      e.get("removed"), json.dumps(e.get("widths") or {}, sort_keys=True)]
+                     for e in result.get("prune_log") or []]
+            self._run.log({"result/row": wandb.Table(columns=list(row), data=[list(row.values())]),
+                           "result/prune_log": wandb.Table(columns=list(PRUNE_LOG_COLUMNS), data=steps)})
+
+        self._guard("tables", log)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (idempotent); a non-zero exit code marks it failed in W&B.

@@ -37,7 +37,7 @@ def _masks(run_dir: Path) -> dict:
 
 
 def test_twelve_job_sweep_lands_logs_to_wandb_and_reports(slurm_env, tmp_path):
-    from wandb_offline import read_offline_metrics, read_offline_summary
+    from wandb_offline import read_offline_metrics, read_offline_summary, read_offline_table
     from halp.cli import main as halp_main
 
     sweep = tmp_path / "sweep"
@@ -59,6 +59,11 @@ def test_twelve_job_sweep_lands_logs_to_wandb_and_reports(slurm_env, tmp_path):
         assert sum("prune/predicted_ms" in row for row in rows) == len(r["prune_log"]), run.name
         summary = read_offline_summary(run)
         assert summary["pruned/top1"] == pytest.approx(r["pruned"]["top1"])
+        table = read_offline_table(run, "result/row")  # the paper's row, as a wandb.Table
+        row = dict(zip(table["columns"], table["data"][0]))
+        assert (row["method"], row["target"], row["quality"]) == (r["method"], r["target_ratio"],
+                                                                 pytest.approx(r["pruned"]["top1"]))
+        assert len(read_offline_table(run, "result/prune_log")["data"]) == len(r["prune_log"])
     assert len(ids) == 1  # every job priced with the same table
     assert len(list((tmp_path / "cache" / "dense").glob("*.pt"))) == 1  # trained once, reused by 11 jobs
 

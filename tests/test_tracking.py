@@ -1,6 +1,7 @@
 """Tracking layer: offline W&B runs, resume by run directory, no-op paths and failure isolation."""
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.tracking import ID_FILE, LoggerConfig, Tracker
-from wandb_offline import read_offline_metrics, read_offline_summary
+from wandb_offline import read_offline_metrics, read_offline_summary, read_offline_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,3 +225,28 @@ def test_reader_truncated_and_corrupt(wb_env: None, tmp_path: Path) -> None:
     path.write_bytes(b"not a wandb file")
     with pytest.raises(ValueError, match="not a W&B v0 transaction log"):
         read_offline_metrics(run_dir)
+
+
+def test_result_tables_read_back(wb_env: None, tmp_path: Path) -> None:
+    """The job's record as W&B tables (the paper's row, the pruning log), read back offline."""
+    from experiments.tracking import PRUNE_LOG_COLUMNS, result_row
+
+    record = {"method": "halp", "model": "mmdet:ssd_tiny", "dataset": "fashiondet", "seed": 1, "target_ratio": 0.5,
+              "metric": "map50", "git_commit": "abc", "speedup": 2.2, "latency_vs_target": 0.9,
+              "dense": {"map50": 73.5, "latency_ms": 96.0},
+              "pruned": {"map50": 66.9, "latency_ms": 43.0, "predicted_ms": 48.0, "macs": 21, "params": 278},
+              "prune_log": [{"step": 1, "iteration": 0, "target_ms": 90.0, "predicted_ms": 89.0, "removed": 32,
+                             "widths": {"a": 8, "b": 16}},
+                            {"step": 2, "iteration": 20, "target_ms": 84.0, "predicted_ms": 83.0, "removed": 16,
+                             "widths": {"a": 8, "b": 8}}]}
+    run_dir = tmp_path / "run"
+    with Tracker.start(LoggerConfig(), run_dir, "tables", {"x": 1}) as t:
+        t.tables(record)
+    row = read_offline_table(run_dir, "result/row")
+    assert row["columns"] == list(result_row(record)) and len(row["data"]) == 1
+    got = dict(zip(row["columns"], row["data"][0]))
+    assert (got["quality"], got["dense_quality"], got["metric"], got["latency_vs_target"]) == (66.9, 73.5, "map50", 0.9)
+    log = read_offline_table(run_dir, "result/prune_log")
+    assert log["columns"] == list(PRUNE_LOG_COLUMNS)
+    assert [r[:5] for r in log["data"]] == [[1, 0, 90.0, 89.0, 32], [2, 20, 84.0, 83.0, 16]]
+    assert [json.loads(r[5]) for r in log["data"]] == [{"a": 8, "b": 16}, {"a": 8, "b": 8}]

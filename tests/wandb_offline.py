@@ -121,3 +121,22 @@ def read_offline_summary(run_dir: Path, wandb_dir: Path | None = None,
                 for item in rec.summary.remove:
                     summary.pop(_key(item), None)
     return {k: v for k, v in summary.items() if _keep(k, include_internal)}
+
+
+def read_offline_table(run_dir: Path, key: str, wandb_dir: Path | None = None) -> dict[str, Any]:
+    """The last ``wandb.Table`` logged under ``key``: ``{"columns": [...], "data": [[...], ...]}``,
+    read from the media file the history row points to (in the run folder's ``files/``)."""
+    found = None
+    for path in _run_files(run_dir, wandb_dir):
+        for rec in _records(path):
+            if rec.HasField("history"):  # the table's reference comes as nested keys key/_type, key/path...
+                ref = {k[len(key) + 1:]: _value(i) for i in rec.history.item if (k := _key(i)).startswith(key + "/")}
+                if ref:
+                    found = (path.parent, ref)
+    if found is None:
+        raise KeyError(f"no table logged under {key!r} for {run_dir}")
+    folder, ref = found
+    if not isinstance(ref, dict) or ref.get("_type") != "table-file":
+        raise ValueError(f"{key!r} is not a table ({ref!r})")
+    table = json.loads((folder / "files" / ref["path"]).read_text())
+    return {"columns": table["columns"], "data": table["data"]}
