@@ -6,7 +6,6 @@ detection matching one neither counts as a hit nor as a false positive.
 """
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from typing import Iterable, Sequence
 
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..progress import progress_bar
+from .ssd import quiet_mmengine
 
 __all__ = ["voc_map", "eval_mode_for"]
 
@@ -41,7 +41,6 @@ def voc_map(model, batches: Iterable, classes: Sequence[str], eval_mode: str = "
     ``model`` is a RawSSD (or anything with its ``predict``); ``targets`` hold ``boxes``,
     ``labels`` and ``difficult`` per image."""
     from mmdet.evaluation import VOCMetric
-    from mmengine.logging import MMLogger
 
     model.eval()
     if device is None:
@@ -66,17 +65,12 @@ def voc_map(model, batches: Iterable, classes: Sequence[str], eval_mode: str = "
         images += len(x)
     if not images:
         raise ValueError("no images to evaluate")
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # eval_map prints a per-class table
-    try:
+    with quiet_mmengine():  # eval_map prints a per-class table
         from mmdet.evaluation.functional import eval_map
 
         mean_ap = metric.compute_metrics(metric.results)["mAP"]
         gts, preds = zip(*metric.results)  # the per-class APs behind it, from the same function
         _, per_class = eval_map(list(preds), list(gts), iou_thr=0.5, dataset=list(classes), logger="silent",
                                 eval_mode=eval_mode, use_legacy_coordinate=True)
-    finally:
-        logger.setLevel(level)
     return {"map50": 100.0 * float(mean_ap), "images": images,
             "ap50_per_class": {c: 100.0 * float(r["ap"]) for c, r in zip(classes, per_class)}}

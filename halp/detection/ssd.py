@@ -173,7 +173,7 @@ def build_ssd(name: str, num_classes: int = 20, in_chans: int = 3) -> "RawSSD":
     from mmengine.config import ConfigDict
 
     detector = MODELS.build(ConfigDict(cfg))  # heads read their train/test settings as attributes
-    with _quiet_mmengine():  # init_weights logs every tensor it initialises
+    with quiet_mmengine():  # init_weights logs every tensor it initialises
         detector.init_weights()  # init_detector does not, and SSDNeck's L2Norm would stay uninitialised
     head = detector.bbox_head
     if not hasattr(head, "loss_cls"):  # mmdet 3.3 SSDHead never sets it; predict reads it
@@ -183,7 +183,8 @@ def build_ssd(name: str, num_classes: int = 20, in_chans: int = 3) -> "RawSSD":
 
 
 @contextmanager
-def _quiet_mmengine() -> Iterator[None]:
+def quiet_mmengine() -> Iterator[None]:
+    """mmengine's current logger at WARNING for the block (its INFO lines flood a job's log)."""
     from mmengine.logging import MMLogger
 
     logger = MMLogger.get_current_instance()
