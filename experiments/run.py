@@ -32,6 +32,8 @@ class NotFileOnly(logging.Filter):
 ConfigStore.instance().store(name="job_schema", node=JobConfig)
 if not OmegaConf.has_resolver("slug"):
     OmegaConf.register_new_resolver("slug", lambda s: str(s).replace(":", "_").replace("/", "_"))
+if not OmegaConf.has_resolver("idiv"):  # ${idiv:200,${prune.steps}}: a fixed window split into steps
+    OmegaConf.register_new_resolver("idiv", lambda a, b: int(a) // int(b))
 
 # Errors a user can fix: one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotImplementedError, PermissionError,
