@@ -237,6 +237,19 @@ class Tracker:
 
         self._guard("tables", log)
 
+    def media(self, tables: Mapping[str, tuple[list[str], list[list[Any]]]] | None = None,
+              images: Mapping[str, Path] | None = None) -> None:
+        """Log ``tables`` (key -> (columns, rows)) as ``wandb.Table``s and ``images`` (key -> PNG
+        file) as ``wandb.Image``s, in one history row (``halp report --paper --wandb``)."""
+        def log() -> None:
+            import wandb
+
+            row = {k: wandb.Table(columns=list(cols), data=[list(r) for r in rows]) for k, (cols, rows) in (tables or {}).items()}
+            row.update({k: wandb.Image(str(p)) for k, p in (images or {}).items() if Path(p).is_file()})
+            self._run.log(row)
+
+        self._guard("media", log)
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (idempotent); a non-zero exit code marks it failed in W&B.
 

@@ -140,3 +140,20 @@ def read_offline_table(run_dir: Path, key: str, wandb_dir: Path | None = None) -
         raise ValueError(f"{key!r} is not a table ({ref!r})")
     table = json.loads((folder / "files" / ref["path"]).read_text())
     return {"columns": table["columns"], "data": table["data"]}
+
+
+def read_offline_image(run_dir: Path, key: str, wandb_dir: Path | None = None) -> bytes:
+    """The bytes of the last ``wandb.Image`` logged under ``key`` (the PNG in the run folder's ``files/``)."""
+    found = None
+    for path in _run_files(run_dir, wandb_dir):
+        for rec in _records(path):
+            if rec.HasField("history"):
+                ref = {k[len(key) + 1:]: _value(i) for i in rec.history.item if (k := _key(i)).startswith(key + "/")}
+                if ref:
+                    found = (path.parent, ref)
+    if found is None:
+        raise KeyError(f"no image logged under {key!r} for {run_dir}")
+    folder, ref = found
+    if ref.get("_type") != "image-file":
+        raise ValueError(f"{key!r} is not an image ({ref!r})")
+    return (folder / "files" / ref["path"]).read_bytes()
