@@ -123,27 +123,10 @@ def read_offline_summary(run_dir: Path, wandb_dir: Path | None = None,
     return {k: v for k, v in summary.items() if _keep(k, include_internal)}
 
 
-def read_offline_table(run_dir: Path, key: str, wandb_dir: Path | None = None) -> dict[str, Any]:
-    """The last ``wandb.Table`` logged under ``key``: ``{"columns": [...], "data": [[...], ...]}``,
-    read from the media file the history row points to (in the run folder's ``files/``)."""
-    found = None
-    for path in _run_files(run_dir, wandb_dir):
-        for rec in _records(path):
-            if rec.HasField("history"):  # the table's reference comes as nested keys key/_type, key/path...
-                ref = {k[len(key) + 1:]: _value(i) for i in rec.history.item if (k := _key(i)).startswith(key + "/")}
-                if ref:
-                    found = (path.parent, ref)
-    if found is None:
-        raise KeyError(f"no table logged under {key!r} for {run_dir}")
-    folder, ref = found
-    if not isinstance(ref, dict) or ref.get("_type") != "table-file":
-        raise ValueError(f"{key!r} is not a table ({ref!r})")
-    table = json.loads((folder / "files" / ref["path"]).read_text())
-    return {"columns": table["columns"], "data": table["data"]}
-
-
-def read_offline_image(run_dir: Path, key: str, wandb_dir: Path | None = None) -> bytes:
-    """The bytes of the last ``wandb.Image`` logged under ``key`` (the PNG in the run folder's ``files/``)."""
+def _media_file(run_dir: Path, key: str, kind: str, wandb_dir: Path | None) -> Path:
+    """The file of the last media object of type ``kind`` (``table-file``, ``image-file``) logged
+    under ``key``: the history row holds a reference (nested keys key/_type, key/path, ...) to a
+    file in the run folder's ``files/``."""
     found = None
     for path in _run_files(run_dir, wandb_dir):
         for rec in _records(path):
@@ -152,8 +135,19 @@ def read_offline_image(run_dir: Path, key: str, wandb_dir: Path | None = None) -
                 if ref:
                     found = (path.parent, ref)
     if found is None:
-        raise KeyError(f"no image logged under {key!r} for {run_dir}")
+        raise KeyError(f"nothing logged under {key!r} for {run_dir}")
     folder, ref = found
-    if ref.get("_type") != "image-file":
-        raise ValueError(f"{key!r} is not an image ({ref!r})")
-    return (folder / "files" / ref["path"]).read_bytes()
+    if not isinstance(ref, dict) or ref.get("_type") != kind:
+        raise ValueError(f"{key!r} is not a {kind} ({ref!r})")
+    return folder / "files" / ref["path"]
+
+
+def read_offline_table(run_dir: Path, key: str, wandb_dir: Path | None = None) -> dict[str, Any]:
+    """The last ``wandb.Table`` logged under ``key``: ``{"columns": [...], "data": [[...], ...]}``."""
+    table = json.loads(_media_file(run_dir, key, "table-file", wandb_dir).read_text())
+    return {"columns": table["columns"], "data": table["data"]}
+
+
+def read_offline_image(run_dir: Path, key: str, wandb_dir: Path | None = None) -> bytes:
+    """The bytes of the last ``wandb.Image`` logged under ``key`` (a PNG)."""
+    return _media_file(run_dir, key, "image-file", wandb_dir).read_bytes()
