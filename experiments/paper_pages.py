@@ -20,6 +20,7 @@ from halp.fileio import atomic_write
 
 from .figures import panel_grid, save_png
 from .paper import LATENCY_MARGIN, PAGES, Arm, Claim, Page, Stat, load_runs
+from .remeasure import FILE_NAME as RETIMED, FORMAT as RETIMED_FORMAT
 from .report import DEFAULT_REFERENCE, Warn, _md_table, _shown
 
 SCALE = """The whole reproduction must fit in about 6 hours of one 2-core CPU machine, so the presets
@@ -157,7 +158,7 @@ def render_page(page: Page, df: pd.DataFrame, reference: Path) -> PageResult | N
     return PageResult(page, arms, claims, "\n".join(md).rstrip() + "\n", page_figure(page.title, table, dense), table)
 
 
-def index_md(results: list[PageResult], df: pd.DataFrame, roots: list[Path], out: Path) -> str:
+def index_md(results: list[PageResult], df: pd.DataFrame, out: Path) -> str:
     """``README.md`` of the pages: index, verdicts, commands, commits and what it cost."""
     commits = sorted(set(df["git_commit"].dropna().astype(str))) if "git_commit" in df else []
     wall = pd.to_numeric(df.get("wall_seconds.total"), errors="coerce").fillna(0).sum()
@@ -176,20 +177,65 @@ def index_md(results: list[PageResult], df: pd.DataFrame, roots: list[Path], out
         lines += [f"- {r.page.title}:"] + [f"  - {c.text}: {VERDICT_MARK.get(c.verdict, c.verdict)} "
                                            f"({c.delta.fmt(2, signed=True)} {c.unit}, n = {c.delta.n})" for c in r.claims]
     lines += ["", "## Scale: what was chosen and why", "", SCALE, ""]
-    shown = " ".join(_shown(p) for p in roots)
-    lines += ["", "## Commands", "", "```",
-              *[f"halp-run -m experiment=repro_cpu/{r.page.preset}" for r in results if r.page.preset],
-              *[f"halp remeasure {_shown(p)}" for p in roots],
-              f"halp report --paper {shown} --out {_shown(out)}", "```", ""]
+    o = _shown(out)
+    lines += ["## Commands", "", "The sweeps write to `runs/repro_cpu/` (each preset's `hydra.sweep.dir`); the report copies "
+              f"their records and re-timing to `{o}/{RECORDS}/` and makes the pages from there.", "", "```",
+              *[f"halp-run -m experiment=repro_cpu/{r.page.preset}" for r in results],
+              "halp remeasure runs/repro_cpu", f"halp report --paper runs/repro_cpu --out {o}", "```", "",
+              "Rebuild the pages from the committed records (same bytes):", "", "```",
+              f"halp report --paper {o}/{RECORDS} --out {o}", "```", ""]
     return "\n".join(lines)
 
 
+RECORDS = "runs"  # <out>/runs: the records (and re-timing) the pages are made from, committed with them
+
+
+def collect(roots: list[Path], dest: Path) -> int:
+    """Copy every ``result.json`` and ``remeasured.json`` under ``roots`` to ``dest`` (same layout;
+    with several roots, each under its folder name), replacing what ``dest`` held: the pages are
+    always made from ``<out>/runs``, so they can be rebuilt from what is committed. Returns the
+    number of records copied."""
+    import json
+    import shutil
+
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    retimed: dict = {}
+    n = 0
+    for root in roots:
+        prefix = f"{root.name}/" if len(roots) > 1 else ""
+        for path in sorted(root.rglob("result.json")):
+            target = tmp / prefix / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            n += 1
+        blob = root / RETIMED
+        if blob.exists():
+            data = json.loads(blob.read_text())
+            retimed.update({prefix + k: v for k, v in data["runs"].items()})
+    if retimed:
+        (tmp / RETIMED).write_text(json.dumps({"format": RETIMED_FORMAT, "runs": dict(sorted(retimed.items()))},
+                                              indent=1) + "\n")
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return n
+
+
 def build_paper(roots: list[Path], out: Path, reference: Path | None = None, figures: bool = True,
-                warn: Warn | None = None, extra: str = "") -> tuple[list[Path], list[PageResult], pd.DataFrame]:
-    """Write every page that has runs, its figure and the index into ``out``; returns the files
-    written, the pages and the runs. ``extra`` (Markdown) is appended to the index."""
+                warn: Warn | None = None) -> tuple[list[Path], list[PageResult], pd.DataFrame]:
+    """Copy the records under ``roots`` to ``out/runs`` (unless that is the one root given), then
+    write every page that has runs, its figure and the index into ``out``; returns the files
+    written, the pages and the runs."""
+    records = out / RECORDS
     roots = [Path(r) for r in roots]
-    df = load_runs(roots, warn)
+    if [r.resolve() for r in roots] != [records.resolve()]:
+        collect(roots, records)
+    df = load_runs([records], warn)
     out.mkdir(parents=True, exist_ok=True)
     results = [r for p in PAGES if (r := render_page(p, df, Path(reference or DEFAULT_REFERENCE))) is not None]
     if not results:
@@ -200,7 +246,7 @@ def build_paper(roots: list[Path], out: Path, reference: Path | None = None, fig
         written.append(atomic_write(out / f"{r.page.key}.md", lambda tmp, t=r.markdown: Path(tmp).write_text(t)))
         if figures and r.figure is not None:
             written.append(save_png(r.figure, out / f"{r.page.key}.png"))
-    index = index_md(results, df, roots, out) + (("\n" + extra) if extra else "")
+    index = index_md(results, df, out)
     written.append(atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(index)))
     return written, results, df
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,16 +120,19 @@ def test_pages_decide_each_claim_from_its_numbers_and_rebuild_byte_for_byte(tmp_
         assert pricing.delta.mean == pytest.approx(100 * (0.08 - 0.01), abs=1e-6) and pricing.verdict == HOLDS
         text = (out / "main_resnet20.md").read_text()
         assert "| HALP 50% − Magnitude 50% | +2.00 ± 0.00 top-1 points (n = 3) | +0.000 ± 0.000 | **holds** |" in text
-        assert str(tmp_path) not in "".join(p.read_text() for p in out.glob("*.md") if p.name != "README.md")
+        assert str(tmp_path) not in "".join(p.read_text() for p in out.glob("*.md"))
         assert "results/reference/paper_numbers.csv" in text  # the published rows, by repo-relative path
         assert (out / "main_resnet20.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        first = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert "halp report --paper results/_test_paper_pages/runs --out results/_test_paper_pages" in (out / "README.md").read_text()
+        files = lambda: {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}  # noqa: E731
+        first = files()
+        assert len([p for p in first if p.name == "result.json"]) == 69 and Path("runs/remeasured.json") in first
         build_paper([runs], out)
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # byte for byte
+        assert files() == first  # byte for byte
+        build_paper([out / "runs"], out)  # from the records kept beside the pages, as committed
+        assert files() == first
     finally:
-        for p in out.glob("*"):
-            p.unlink()
-        out.rmdir()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def test_missing_retiming_is_warned_and_leaves_latency_empty(tmp_path):
