@@ -126,13 +126,14 @@ def _reference_md(page: Page, reference: Path) -> list[str]:
 
 def render_page(page: Page, df: pd.DataFrame, reference: Path) -> PageResult | None:
     """The page's Markdown and figure, or None when no record belongs to it."""
-    arms = [a for a in page.arms(df) if len(a.runs)]
+    every = page.arms(df)
+    arms = [a for a in every if len(a.runs)]
     if not arms:
         return None
     runs = pd.concat([a.runs for a in arms]).drop_duplicates("run")
     dense = Stat.of(runs.groupby("seed")["dense_top1"].mean())
     table = arm_table(arms)
-    claims = page.claims(df, arms)
+    claims = page.claims(df, every)  # an arm without runs yet: its claims are inconclusive (n = 0)
     commits = sorted(set(runs["git_commit"].dropna().astype(str).str[:7])) if "git_commit" in runs else []
     setting = runs.iloc[0]
     md = [f"# {page.title}", "",

@@ -18,7 +18,8 @@ in the run's own latency setting (backend, batch, threads); the median slim/dens
 Writes OUT (default RUNS_DIR/remeasured.json) after every run, atomically: rerunning the command
 continues where an interrupted one stopped; runs already timed (same slim.pt) are skipped unless
 --force. `halp report --paper` uses these ratios. Run it on a quiet machine: no sweep, test run or
-build beside it (a load average above 0.5 is warned about).
+build beside it (a load average above 0.5 is warned about), and from the folder the sweep ran in
+(records name their dense model's cache path relative to it).
 
 example:
   halp remeasure runs/repro_cpu

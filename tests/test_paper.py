@@ -292,3 +292,20 @@ def test_every_sweep_preset_lands_on_its_page_and_ablations_pair_with_the_main_r
             assert extra == main_halp50, page.key  # the default arm, trained once
         else:
             assert not extra, page.key
+
+
+def test_a_sweep_still_running_gives_pages_with_inconclusive_claims(tmp_path):
+    runs = tmp_path / "runs"
+    write_runs(runs)
+    shutil.rmtree(runs / "ablation_solver")  # not started yet
+    shutil.rmtree(runs / "ablation_pricing")
+    for s in (1, 2):
+        shutil.rmtree(runs / "main_resnet20" / f"taylor-t0.5-s{s}")  # one seed finished so far
+    _, results, _ = build_paper([runs], tmp_path / "out")
+    pages = {r.page.key: r for r in results}
+    solver = pages["ablation_solver"].claims[0]  # the exact arm exists (main), greedy does not
+    assert (solver.verdict, solver.delta.n) == (INCONCLUSIVE, 0)
+    assert "ablation_pricing" in pages and {c.delta.n for c in pages["ablation_pricing"].claims} == {0}
+    taylor50 = next(c for c in pages["main_resnet20"].claims if c.worse == "Taylor 50%")
+    assert (taylor50.verdict, taylor50.delta.n) == (INCONCLUSIVE, 1)
+    assert "| Taylor | 50% | 1 (0) |" in (tmp_path / "out" / "main_resnet20.md").read_text()
