@@ -5,14 +5,16 @@ build. On the untrained model this checks, in order: the channel graph (tracing 
 that fails), which groups cannot be pruned (listed once; every method, the anchors and the cost
 model leave them at full width), the anchors' masks, a slim round trip at random widths, the
 latency table's plan (every unit can be built at its smallest widths), and the latency floor
-against the target (measured end to end: the dense model against every prunable group at its
-smallest width; predicted by the table when the job is given one; counted for a MACs budget).
+against the target (predicted by the table the job will price with when it is given one or finds
+one in its cache; otherwise measured end to end, the dense model against every prunable group at
+its smallest width; counted for a MACs budget).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,7 +29,7 @@ from halp.pruners.base import floor_widths, percent
 from halp.roundtrip import roundtrip
 from halp.slim import slim_model
 
-from .assets import measure_latency, new_model
+from .assets import measure_latency, new_model, table_path
 from .config import DENSE, JobConfig
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,13 @@ def preflight(cfg: JobConfig, input_shape: tuple[int, ...], num_classes: int, me
         if cfg.latency.cost == "macs":
             floor_ratio = count(graph, floor).macs / count(graph).macs
         elif cfg.latency.table:  # the job prices with this table: its prediction is the floor that counts
-            floor_ratio = _table_floor(cfg, graph, floor)
+            floor_ratio = _table_floor(cfg, graph, floor, Path(cfg.latency.table))
             how = "predicted by the given latency table"
+        elif (cached := table_path(cfg, graph, Path(cfg.cache_dir))).exists() and \
+                (floor_ratio := _table_floor(cfg, graph, floor, cached)) is not None:
+            # a table this job will reuse: its prediction decides, and an end-to-end timing of
+            # 3 rounds can be 10 % off it on a busy machine (a target passed here, refused later)
+            how = f"predicted by this model's cached latency table {cached.name}"
         elif measure_floor:
             smallest = slim_model(graph, ChannelMasks.prefix(graph, floor)).eval()
             dense_t, floor_t = measure_latency(cfg, [model, smallest], input_shape, rounds=3)
@@ -121,11 +128,12 @@ def preflight(cfg: JobConfig, input_shape: tuple[int, ...], num_classes: int, me
     return found
 
 
-def _table_floor(cfg: JobConfig, graph: ChannelGraph, floor: dict[str, int]) -> float | None:
-    """The floor as a fraction of dense predicted by the table the job was given; None when the
-    table does not load or fit (the job's own table checks then say why, in its words)."""
+def _table_floor(cfg: JobConfig, graph: ChannelGraph, floor: dict[str, int], path: Path) -> float | None:
+    """The floor as a fraction of dense predicted by the table at ``path`` (given to the job or
+    cached for it); None when the table does not load or fit (the job's own table checks then say
+    why, in its words)."""
     try:
-        table = LatencyTable.load(cfg.latency.table)
+        table = LatencyTable.load(path)
         cost = CostModel.create(graph, table, **cfg.latency.cost_options())
         return cost.total_ms(floor) / cost.total_ms(graph.full_widths())
     except (ValueError, FileNotFoundError, KeyError):

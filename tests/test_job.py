@@ -115,6 +115,23 @@ def test_targets_below_the_measured_floor_fail_before_training(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_cached_table_decides_the_floor_before_training(tmp_path):
+    """The job will price with the table in its cache, so the preflight reads the floor off it (an
+    end-to-end timing of a few rounds can pass a target the table then finds unreachable)."""
+    from conftest import synthetic_table
+    from experiments.assets import new_model, table_path
+    from halp.graph import ChannelGraph
+    cfg = tiny(tmp_path, True, prune=PruneConfig(target=0.5, interval=2, steps=3, chunk=4),
+               latency=LatencyConfig(batch=16, step=4, rounds=1, overhead="none"))  # a synthetic table has no anchors
+    graph = ChannelGraph.build(new_model(cfg, 4, 1), (1, 28, 28))
+    path = table_path(cfg, graph, tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    synthetic_table(graph, lambda spec, ci, co: 10.0 + 1e-4 * ci * co, step=4).save(path)  # a fixed cost dominates
+    with pytest.raises(ValueError, match=r"floor, about 9\d.*predicted by this model's cached latency table"):
+        run_job(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache" / "dense").exists()  # refused before the dense model was trained
+
+
 def hydra(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return halp_run(*args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
