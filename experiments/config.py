@@ -203,3 +203,13 @@ def upgrade_record_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if amp and "trainer" not in cfg:
         cfg["trainer"] = {"device": "cpu", "amp": "bf16" if any(amp) else "off"}
     return cfg
+
+
+def config_of_record(config: Mapping[str, Any]) -> JobConfig:
+    """The typed config of a record's ``config`` (any layout :func:`upgrade_record_config` reads).
+    Keys newer than the record take their defaults: a new setting's default keeps the behaviour
+    that existed before it, so the record still describes the same job."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), upgrade_record_config(config))
+    return OmegaConf.to_object(merged)

@@ -59,6 +59,7 @@ class DataConfig:
     voc_train: tuple[str, ...] = ("VOC2007/trainval", "VOC2012/trainval")
     voc_test: tuple[str, ...] = ("VOC2007/test",)
     cache_images: bool = False
+    det_augment: str = "flip"        # voc training augmentation: flip | ssd (mmdet's SSD pipeline, see voc.py)
     # how batches are loaded, never which (results do not depend on these)
     workers: int = 0                 # loader worker processes (0: the training process loads)
     pin_memory: bool = True          # pinned host memory for batches bound for a GPU (ignored on the CPU)
@@ -66,7 +67,12 @@ class DataConfig:
     prefetch_factor: int = 2         # batches each worker loads ahead
 
     LOADER_KEYS: ClassVar[tuple[str, ...]] = ("workers", "pin_memory", "persistent_workers", "prefetch_factor")
-    VOC_KEYS: ClassVar[tuple[str, ...]] = ("voc_train", "voc_test", "cache_images")
+    VOC_KEYS: ClassVar[tuple[str, ...]] = ("voc_train", "voc_test", "cache_images", "det_augment")
+    DET_AUGMENTS: ClassVar[tuple[str, ...]] = ("flip", "ssd")
+
+    def __post_init__(self) -> None:
+        if self.det_augment not in self.DET_AUGMENTS:
+            raise ValueError(f"data.det_augment must be one of {', '.join(self.DET_AUGMENTS)}, got {self.det_augment!r}")
 
     def loader(self) -> LoaderConfig:
         """The loader knobs as the trainer takes them."""
@@ -76,6 +82,8 @@ class DataConfig:
         """The fields that decide what the data are (cache keys leave the loader knobs out, and the
         VOC fields for other sets, so that keys made before those fields existed stay valid)."""
         skip = self.LOADER_KEYS + (() if self.name == "voc" else self.VOC_KEYS)
+        if self.det_augment == "flip":  # the default, older than the key: absent, as in keys made before it
+            skip += ("det_augment",)
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 

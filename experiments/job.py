@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from omegaconf.errors import OmegaConfBaseException
 
 from halp.counting import count
 from halp.export import save_module
@@ -32,7 +33,7 @@ from halp.slim import slim_model
 
 from . import distributed
 from .assets import JobData, dense_model, latency_table, measure_latency, pin_anchors
-from .config import DENSE, JobConfig, LatencyConfig, ModelConfig
+from .config import DENSE, JobConfig, LatencyConfig, ModelConfig, config_of_record
 from .data import build_datasets
 from .engine import Preempted, Trainer
 from .preflight import Preflight, preflight
@@ -78,14 +79,16 @@ def check_writable(run_dir: Path) -> None:
 
 
 def completed_record(cfg: JobConfig, run_dir: Path) -> dict | None:
-    """The record in ``run_dir`` if it is this very job's (same config), else ``None``."""
+    """The record in ``run_dir`` if it is this very job's (same config, read in today's layout:
+    a setting added since the record was written counts at its default), else ``None``."""
     path = run_dir / "result.json"
     try:
         rec = json.loads(path.read_text())
-    except (OSError, ValueError):
+        old = config_of_record(rec["config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OmegaConfBaseException):
         return None
-    same = json.loads(json.dumps(asdict(cfg), default=str)) == rec.get("config")
-    return rec if same else None
+    plain = lambda c: json.loads(json.dumps(asdict(c), default=str))  # noqa: E731
+    return rec if plain(old) == plain(cfg) else None
 
 
 def run_job(cfg: JobConfig, run_dir: str | Path) -> dict | None:

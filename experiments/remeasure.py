@@ -34,7 +34,7 @@ from halp.latency.timing import Protocol, measure
 from halp.progress import progress_bar
 
 from .assets import dense_path, new_model
-from .config import JobConfig, upgrade_record_config
+from .config import JobConfig, config_of_record
 from .data import build_datasets
 
 FORMAT = "halp-remeasure/1"
@@ -55,12 +55,6 @@ class Run:
         return Path(ckpt) if ckpt else dense_path(self.config, Path(self.config.cache_dir))
 
 
-def job_config(record: dict) -> JobConfig:
-    """The run's typed config, from the plain dict its record holds."""
-    config = upgrade_record_config(record["config"])  # records from before the method registry too
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), config))
-
-
 def find_runs(root: Path, warn: Callable[[str], None]) -> list[Run]:
     """Every run under ``root`` with a ``result.json`` and a ``slim.pt`` (others are reported and skipped)."""
     if not root.is_dir():
@@ -72,7 +66,7 @@ def find_runs(root: Path, warn: Callable[[str], None]) -> list[Run]:
             continue
         try:
             rec = json.loads(path.read_text())
-            runs.append(Run(path.parent.relative_to(root).as_posix(), path.parent, rec, job_config(rec)))
+            runs.append(Run(path.parent.relative_to(root).as_posix(), path.parent, rec, config_of_record(rec["config"])))
         except (OSError, ValueError, KeyError, TypeError) as e:
             warn(f"skipping {path}: {e}")
     if not runs:

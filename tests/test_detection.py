@@ -378,3 +378,64 @@ def test_halp_inspect_reads_a_saved_slim_detector(tmp_path, capsys):
     # the groups it lists are the slim detector's: their widths are the kept widths
     for gid, width in masks.widths().items():
         assert any(line.split()[:2] == [gid, str(width)] for line in out.splitlines()), gid
+
+
+def test_ssd_augmentation_keeps_every_box_on_its_object(tmp_path):
+    """mmdet's SSD pipeline (data.det_augment=ssd): photometric distortion, expand, min-IoU crop,
+    flip, resize. Oracle: the objects are checkerboards on a flat black canvas (expand fills with
+    the mean, here black too), so after any draw the pixels inside every box vary and the pixels
+    outside all boxes do not. Same torch seed, same item."""
+    from PIL import Image
+
+    from experiments.voc import VOC_CLASSES, detection_splits
+
+    base = tmp_path / "voc" / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (base / sub).mkdir(parents=True)
+    img = np.zeros((120, 160, 3), np.uint8)
+    boxes = [(20, 30, 70, 90), (100, 10, 150, 50)]
+    objs = ""
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        yy, xx = np.mgrid[y1:y2, x1:x2]
+        img[y1:y2, x1:x2] = (((yy // 4 + xx // 4) % 2) * 255)[..., None]
+        objs += (f"<object><name>{VOC_CLASSES[k]}</name><difficult>{k}</difficult><bndbox><xmin>{x1 + 1}</xmin>"
+                 f"<ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    Image.fromarray(img).save(base / "JPEGImages" / "a.jpg", format="PNG")  # lossless pixels, any name
+    (base / "Annotations" / "a.xml").write_text(f"<annotation><size><width>160</width><height>120</height>"
+                                                f"<depth>3</depth></size>{objs}</annotation>")
+    for split in ("trainval", "test"):
+        (base / "ImageSets/Main" / f"{split}.txt").write_text("a\n")
+    train, plain, _, _ = detection_splits(tmp_path / "voc", ["VOC2007/trainval"], ["VOC2007/test"], 96, (0.0,) * 3,
+                                          (1.0,) * 3, augment="ssd", cache=True)
+    sizes = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x, t = train[0]
+        assert x.shape == (3, 96, 96) and len(t["boxes"]) == len(t["labels"]) == len(t["difficult"]) >= 1
+        assert (t["boxes"] >= 0).all() and (t["boxes"] <= 96).all()
+        assert set(zip(t["labels"].tolist(), t["difficult"].tolist())) <= {(0, False), (1, True)}  # flags follow boxes
+        outside = torch.ones(96, 96, dtype=torch.bool)
+        cores = []
+        for x1, y1, x2, y2 in t["boxes"].tolist():
+            # resampling (up to ~3x up after a crop) blurs an edge over several pixels: keep clear of them
+            outside[max(int(y1) - 12, 0):int(y2) + 12, max(int(x1) - 12, 0):int(x2) + 12] = False
+            cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 4, (y2 - y1) / 4
+            cores.append(x[:, int(cy - h):int(cy + h) + 1, int(cx - w):int(cx + w) + 1])  # the box's central half
+        if outside.any():
+            background = x[:, outside].median()
+            # the checkerboard averages to mid-grey however much it is zoomed out; the photometric
+            # distortion (brightness x0.75-1.25, contrast 0.5-1.5) keeps it far above the black canvas
+            assert all(c.mean() - background > 20 for c in cores), (seed, [c.mean() for c in cores], background)
+            if len(t["boxes"]) == 2:  # a crop drops a box whose centre it cuts off (as mmdet's does), not its pixels
+                stray = (x[:, outside].amax(0) > background + 20).float().mean()
+                assert stray < 0.01, (seed, stray)  # no object pixels far from every box
+        sizes.add(tuple(t["boxes"][0].round().int().tolist()))
+        torch.manual_seed(seed)
+        x2, t2 = train[0]
+        assert torch.equal(x, x2) and torch.equal(t["boxes"], t2["boxes"])
+    assert len(sizes) > 10  # expand, crop and flip did vary the geometry
+    from experiments.data import DataConfig
+    with pytest.raises(ValueError, match="det_augment must be one of flip, ssd"):
+        DataConfig(name="voc", det_augment="mosaic")
+    assert "det_augment" not in DataConfig(name="voc").identity()  # default: cache keys as before
+    assert DataConfig(name="voc", det_augment="ssd").identity()["det_augment"] == "ssd"

@@ -132,6 +132,28 @@ def test_a_cached_table_decides_the_floor_before_training(tmp_path):
     assert not (tmp_path / "cache" / "dense").exists()  # refused before the dense model was trained
 
 
+def test_a_finished_job_is_recognised_by_a_newer_version_of_the_suite(tmp_path):
+    """A sweep rerun after an upgrade skips the jobs it finished: a setting added since (here
+    ``data.det_augment``) counts at its default. Any real difference, or a broken record, reruns."""
+    from dataclasses import asdict
+
+    from experiments.job import completed_record
+    cfg = tiny(tmp_path)
+    config = json.loads(json.dumps(asdict(cfg), default=str))
+    del config["data"]["det_augment"]  # as written before the setting existed
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"config": config, "pruned": {"top1": 1.0}}))
+    assert completed_record(cfg, run)["pruned"] == {"top1": 1.0}
+    assert completed_record(tiny(tmp_path, seed=1), run) is None
+    config["prune"]["target"] = 0.5
+    (run / "result.json").write_text(json.dumps({"config": config}))
+    assert completed_record(cfg, run) is None
+    for broken in ("{", json.dumps({"no": "config"}), json.dumps({"config": {"prune": {"target": "x"}}})):
+        (run / "result.json").write_text(broken)
+        assert completed_record(cfg, run) is None
+
+
 def hydra(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return halp_run(*args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
