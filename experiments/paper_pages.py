@@ -41,6 +41,7 @@ SCALE = """The whole reproduction must fit in about 6 hours of one 2-core CPU ma
   thread in every case). Latency on the pages comes from `halp remeasure` on a quiet machine, not
   from the jobs, whose own timings are disturbed by the sweep beside them."""
 
+MIN_SEEDS = 3  # what the reproduction promises per arm (and what a CI needs to say anything)
 PALETTE = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown")
 VERDICT_MARK = {"holds": "**holds**", "does not hold": "**does not hold**"}
 
@@ -169,10 +170,14 @@ def index_md(results: list[PageResult], df: pd.DataFrame, out: Path) -> str:
              f"{len(df)} runs; records made by commit(s) {', '.join(f'`{c[:12]}`' for c in commits) or 'unknown'}. "
              f"Their jobs took {wall / 3600:.2f} h of wall time in all (dense training {dense_s / 3600:.2f} h and "
              f"latency tables {lut_s / 3600:.2f} h of it, counted in the job that made them).", "",
-             "| page | mirrors | claims: holds / does not hold / inconclusive |", "|---|---|---|"]
+             "| page | mirrors | seeds per arm | claims: holds / does not hold / inconclusive |", "|---|---|---|---|"]
     for r in results:
         counts = [sum(c.verdict == v for c in r.claims) for v in ("holds", "does not hold", "inconclusive at this n")]
-        lines.append(f"| [{r.page.title}]({r.page.key}.md) | {r.page.mirrors} | {' / '.join(map(str, counts))} |")
+        n = [int(v) for v in r.table["n"]] if len(r.table) else [0]
+        seeds = f"{min(n)}" if min(n) == max(n) else f"{min(n)}-{max(n)}"
+        if min(n) < MIN_SEEDS or len(r.arms) < len(r.page.arms(df)):
+            seeds += f" (**incomplete**: fewer than {MIN_SEEDS} seeds in some arm)"
+        lines.append(f"| [{r.page.title}]({r.page.key}.md) | {r.page.mirrors} | {seeds} | {' / '.join(map(str, counts))} |")
     lines += ["", "## Verdicts", ""]
     for r in results:
         lines += [f"- {r.page.title}:"] + [f"  - {c.text}: {VERDICT_MARK.get(c.verdict, c.verdict)} "

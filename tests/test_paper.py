@@ -309,3 +309,8 @@ def test_a_sweep_still_running_gives_pages_with_inconclusive_claims(tmp_path):
     taylor50 = next(c for c in pages["main_resnet20"].claims if c.worse == "Taylor 50%")
     assert (taylor50.verdict, taylor50.delta.n) == (INCONCLUSIVE, 1)
     assert "| Taylor | 50% | 1 (0) |" in (tmp_path / "out" / "main_resnet20.md").read_text()
+    index = (tmp_path / "out" / "README.md").read_text()
+    assert "(main_resnet20.md) | Table 1 / Fig. 1 (ResNet-50 on ImageNet: accuracy against latency for each method) | " \
+           "1-3 (**incomplete**" in index
+    assert "(ablation_solver.md) | the solver ablation (knapsack vs greedy selection) | 3 (**incomplete**" in index
+    assert "(ablation_grouping.md) | the latency-aware grouping ablation | 3 | 2 / 0 / 0 |" in index
