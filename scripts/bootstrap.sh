@@ -100,7 +100,7 @@ case "$cmd" in
     # Slow suites run only when asked for with a marker expression (-m slow, -m "slow or not slow").
     case " $* " in *" -m "*|*" -m="*) ;; *) set -- -m "not slow" "$@" ;; esac
     set +e
-    "$PY" -m pytest "$@"
+    "$PY" -m pytest --durations=25 "$@"   # the slowest tests, to keep the default run short
     rc=$?
     set -e
     if [ $rc -eq 5 ]; then
