@@ -142,3 +142,30 @@ def test_one_job_as_two_slurm_tasks_prunes_like_one_process(slurm_env, tmp_path)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert _masks(run) == _masks(tmp_path / "one")
     assert [e["widths"] for e in two["prune_log"]] == [e["widths"] for e in one["prune_log"]]
+
+
+def test_a_reproduction_preset_sweeps_on_slurm_resumes_and_makes_its_page(slurm_env, tmp_path):
+    """experiment=repro_cpu/ablation_solver (toy scale) on the local Slurm: 3 seeds; the rerun
+    finds every job done; the re-timing and the page follow from the same folder."""
+    from halp.cli import main as halp_main
+
+    sweep = tmp_path / "runs" / "repro_cpu" / "ablation_solver"
+    # the page takes runs at the main comparison's knobs: ten steps, chunks from the table's staircase
+    toy = [o if o != "prune.chunk=4" else "prune.chunk=auto" for o in overrides(tmp_path, interval=1, steps=10)]
+    args = ("-m", "hydra/launcher=slurm_local", "experiment=repro_cpu/ablation_solver", f"hydra.sweep.dir={sweep}", *toy)
+    out = halp_run(*args, cwd=tmp_path, timeout=1800, env={"WANDB_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = sorted(p.parent.name for p in sweep.glob("*/result.json"))
+    assert names == ["solver_greedy-s0", "solver_greedy-s1", "solver_greedy-s2"], out.stderr[-2000:]
+    records = [json.loads((sweep / n / "result.json").read_text()) for n in names]
+    assert {(r["config"]["method"]["solver"], r["seed"]) for r in records} == {("greedy", s) for s in (0, 1, 2)}
+    again = halp_run(*args, cwd=tmp_path, timeout=1800, env={"WANDB_MODE": "disabled"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert logs.count("already holds this job's result") == 3  # resumed: nothing ran twice
+    assert [json.loads((sweep / n / "result.json").read_text()) for n in names] == records
+    root = tmp_path / "runs" / "repro_cpu"
+    assert halp_main(["remeasure", str(root), "--rounds", "1", "--repeat", "1", "--no-progress"]) == 0
+    assert halp_main(["report", "--paper", str(root), "--out", str(tmp_path / "paper"), "--no-figures"]) == 0
+    page = (tmp_path / "paper" / "ablation_solver.md").read_text()
+    assert "| greedy | 50% | 3 (0,1,2) |" in page and "n = 0: no confidence interval" in page  # no exact arm here
