@@ -21,7 +21,7 @@ from halp.fileio import atomic_write
 from .figures import panel_grid, save_png
 from .paper import LATENCY_MARGIN, PAGES, Arm, Claim, Page, Stat, load_runs
 from .remeasure import FILE_NAME as RETIMED, FORMAT as RETIMED_FORMAT
-from .report import DEFAULT_REFERENCE, Warn, _md_table, _shown
+from .report import DEFAULT_REFERENCE, Warn, _fmt, _md_table, _shown
 
 SCALE = """The whole reproduction must fit in about 6 hours of one 2-core CPU machine, so the presets
 (`experiments/conf/experiment/repro_cpu/`) keep the full data and cut epochs instead:
@@ -70,19 +70,15 @@ def arm_table(arms: list[Arm]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(mean: float, ci: float, digits: int) -> str:
-    return Stat(mean, ci, 0).fmt(digits)
-
-
 def _table_md(table: pd.DataFrame, dense: Stat) -> str:
     header = ["arm", "target", "n (seeds)", "top-1 (%)", "latency ÷ dense, re-timed", "re-timed ÷ target",
               "predicted ÷ target", "MACs ÷ dense"]
     rows = [["dense", "100%", f"{dense.n}", dense.fmt(2), "1", "", "", "1"]]
     for _, r in table.iterrows():
-        rows.append([r["arm"], f"{r['target']:.0%}", f"{r['n']} ({r['seeds']})", _cell(r["top1_mean"], r["top1_ci"], 2),
-                     _cell(r["retimed_mean"], r["retimed_ci"], 3), _cell(r["retimed_over_target_mean"], r["retimed_over_target_ci"], 3),
-                     _cell(r["predicted_over_target_mean"], r["predicted_over_target_ci"], 3),
-                     _cell(r["macs_mean"], r["macs_ci"], 3)])
+        rows.append([r["arm"], f"{r['target']:.0%}", f"{r['n']} ({r['seeds']})", _fmt(r["top1_mean"], r["top1_ci"], 2),
+                     _fmt(r["retimed_mean"], r["retimed_ci"], 3), _fmt(r["retimed_over_target_mean"], r["retimed_over_target_ci"], 3),
+                     _fmt(r["predicted_over_target_mean"], r["predicted_over_target_ci"], 3),
+                     _fmt(r["macs_mean"], r["macs_ci"], 3)])
     return _md_table(header, rows)
 
 
