@@ -63,6 +63,13 @@ class LatencyConfig(Setting):
     remeasure_anchors: bool = False  # measure the table's end-to-end anchors again instead of reusing them
     table: str | None = None  # an existing table file; default: build or reuse one in the cache
     allow_mismatch: bool = False
+    # measured feedback (halp.latency.feedback): HALP's last step times the network it chose against
+    # the dense one on this machine and re-solves until the measurement is within
+    # feedback_tolerance below the target (at most feedback_rounds timings). Only right when this
+    # machine is the deployment device; off here = the paper's open loop (the device presets set it)
+    feedback: bool = False
+    feedback_tolerance: float = 0.03
+    feedback_rounds: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +82,10 @@ class LatencyConfig(Setting):
         if self.time_limit_s <= 0:
             raise ValueError(f"latency.time_limit_s must be positive seconds, got {self.time_limit_s}")
         self.refinement()  # validates refine_tol and refine_budget
+        if not 0 < self.feedback_tolerance < 1:
+            raise ValueError(f"latency.feedback_tolerance must be in (0, 1), got {self.feedback_tolerance}")
+        if self.feedback_rounds < 1:
+            raise ValueError(f"latency.feedback_rounds must be >= 1, got {self.feedback_rounds}")
 
     def refinement(self) -> Refinement:
         """How the table build samples its grid (:mod:`halp.latency.refine`)."""

@@ -9,6 +9,7 @@ record is written once, atomically, at the end, by rank 0 of the job's processes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from halp.export import save_module
 from halp.fileio import atomic_write_text
 from halp.graph import ChannelGraph
 from halp.latency.cost import CostModel
+from halp.latency.feedback import FEEDBACK_PROTOCOL, Feedback
 from halp.masks import ChannelMasks
 from halp.macs_cost import MacsCost
 from halp.pruners import Pruner, PrunerContext, create_pruner
@@ -64,6 +66,25 @@ def make_pruner(cfg: JobConfig, graph: ChannelGraph, cost: CostModel, runtime: R
     context = PrunerContext(seed=cfg.seed, threads=cfg.finetune.threads, progress=cfg.progress,
                             device=str(runtime.device), score=task_for(cfg.model.name).score)
     return create_pruner(cfg.method_name, graph, cost, cfg.prune, cfg.method_cfg, context)
+
+
+def attach_feedback(cfg: JobConfig, pruner: Pruner, de: distributed.DistEnv = distributed.SINGLE) -> None:
+    """Give ``pruner`` measured feedback if ``latency.feedback`` asks for it and it can use it
+    (rank 0 only: it alone decides the masks, the other ranks receive them)."""
+    lat = cfg.latency
+    if not lat.feedback:
+        return
+    why = (f"{method_label(cfg.method_name)} prices open-loop (only HALP closes the loop)" if not pruner.uses_feedback
+           else "the budget is in MACs, not latency" if pruner.cost.resource != "latency" else None)
+    if why:
+        log.info(f"measured feedback: off, {why}")
+        return
+    if de.is_main:
+        pruner.feedback = Feedback(lat.setting(), tolerance=lat.feedback_tolerance, max_rounds=lat.feedback_rounds,
+                                   protocol=dataclasses.replace(FEEDBACK_PROTOCOL, seed=cfg.seed))
+        log.info(f"measured feedback: on; the last pruning step times its network against the dense one here "
+                 f"({lat.backend}, batch {lat.batch}, {lat.threads} thread(s)) until it is within "
+                 f"{percent(lat.feedback_tolerance)} below the target ({lat.feedback_rounds} timings at most)")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -155,6 +176,8 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
     cost = latency_cost if resource == "latency" else MacsCost(graph, lut.table)
     unit = cost.unit
     pruner = make_pruner(cfg, graph, cost, runtime) if cfg.method_name != DENSE else None  # checks feasibility
+    if pruner is not None:
+        attach_feedback(cfg, pruner, de)
     holdout = None
     if pruner is not None and pruner.holdout_size():  # training samples the dense model saw, as in EagleEye
         holdout = build_datasets(replace(cfg.data, holdout=pruner.holdout_size()))[2]

@@ -51,6 +51,7 @@ def overrides(folder: Path, *, width: float = 0.5, shape: tuple[int, int, int] =
         f"finetune.epochs={finetune_epochs}", f"finetune.batch_size={batch}", "finetune.threads=1",
         f"prune.interval={interval}", f"prune.steps={steps}", "prune.chunk=4",
         f"latency.table={table}", "latency.allow_mismatch=true", "latency.overhead=none", "latency.batch=2",
+        "latency.feedback=false",  # measured feedback would make decisions depend on the machine's load
         f"hydra.searchpath=[file://{TEST_CONF}]", "schedule=toy",
         f"cache_dir={Path(folder) / 'cache'}", "progress=false", "measure_rounds=3",
     ]

@@ -15,6 +15,9 @@
   writers' c_out, the readers' c_in and, when the group empties a residual branch, the layers
   that leave the network with it, so a step's per-group prices add up to what :meth:`total_ms`
   predicts. ``two_sided=False`` is the paper's eq. 5-6 (writers only), kept for the ablation.
+- Measured feedback (:meth:`CostModel.observe`, :mod:`.feedback`): an end-to-end measurement of a
+  pruned configuration joins the anchors, so the map passes through it and the configurations a
+  pruner picks next, near that one, are priced from a measurement instead of the uniform anchors.
 """
 from __future__ import annotations
 
@@ -107,6 +110,9 @@ class CostModel:
     overhead: str = "anchors"
     two_sided: bool = True
     knots: tuple = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    anchor_points: tuple = ()           # the overhead map's knots (units sum, ms), the dense one apart
+    dense_point: tuple = (0.0, 0.0)     # the dense model's (units sum, ms)
+    observed: tuple = ()                # (units sum, ms) measured by feedback, oldest first
 
     @classmethod
     def create(cls, graph: ChannelGraph, table: LatencyTable, *, conv_only: bool = False,
@@ -147,7 +153,29 @@ class CostModel:
         dense = (model.units_ms(graph.full_widths()), dense_ms or 0.0)
         pts = [(model.units_ms(a["widths"]), float(a["ms"])) for a in (cal or {}).get("anchors", [])]
         model.knots = overhead_knots(overhead, pts, dense)
+        # what observe() starts from: the map's own knots (for every overhead mode), dense apart
+        xs, ys = model.knots
+        model.dense_point = (dense[0], apply_knots(xs, ys, dense[0])[0])
+        model.anchor_points = tuple((float(x), float(y)) for x, y in zip(xs, ys) if abs(x - dense[0]) > 1e-9)
         return model
+
+    def observe(self, widths: dict[str, int], ms: float) -> None:
+        """Make the overhead map pass through ``ms``, an end-to-end measurement at ``widths`` (in
+        the anchors' scale: the measured slim/dense ratio times the dense anchor).
+
+        The point joins the knots of the map (whatever ``overhead`` built them) and replaces any
+        earlier observation at the same units sum. Knots or earlier observations that
+        would make the map non-increasing beside it are dropped: a measurement of the network a
+        pruner actually chose outranks uniform-width anchors measured at another time. The dense
+        point is never dropped, so predictions stay ratios of the same dense latency."""
+        u = self.units_ms(widths)
+        ud, md = self.dense_point
+        if not 0 < ms < md * (1 + 1e-9) or u >= ud:
+            raise ValueError(f"an observation must be a pruned network faster than the dense one "
+                             f"({ms:.4g} ms at units {u:.4g}; dense {md:.4g} ms at {ud:.4g})")
+        kept = [(x, y) for x, y in self.observed if abs(x - u) > 1e-9]
+        self.observed = (*kept, (u, float(ms)))
+        self.knots = _monotone_knots(self.anchor_points, self.observed, self.dense_point)
 
     def check_complete(self) -> None:
         steps = {gid: int(g.get("step", 1)) for gid, g in self.table.groups.items()}
@@ -204,6 +232,24 @@ class CostModel:
         removed = removed_modules(self.graph, w) if n == 0 else set()
         io = self.graph.layer_widths(w)
         return sum(self.layer_ms(name, *io[name]) for name in layers if name not in removed)
+
+
+def _monotone_knots(anchors: tuple, observed: tuple, dense: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Knots through ``dense``, the ``observed`` points (newest first in priority) and whichever
+    ``anchors`` stay increasing beside them."""
+    chosen: list[tuple[float, float]] = [dense]
+
+    def fits(p: tuple[float, float]) -> bool:
+        return all((p[0] - x) * (p[1] - y) > 0 and abs(p[0] - x) > 1e-9 for x, y in chosen)
+
+    for p in [*reversed(observed), *anchors]:
+        if fits(p):
+            chosen.append(p)
+    pts = sorted(chosen)
+    if len(pts) < 2:
+        ud, md = dense
+        return np.array([0.0, ud]), np.array([0.0, md])
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
 def match_layers(graph: ChannelGraph, table: LatencyTable) -> dict[str, str]:

@@ -99,6 +99,8 @@ class StepLog:
     widths: dict[str, int] = field(default_factory=dict)
     resolves: int = 0
     achieved: float | None = None  # predicted / target: how much of the step's budget is used
+    measured_ms: float | None = None  # measured feedback: the chosen network timed (dense anchor × ratio)
+    feedback_rounds: int = 0  # measure-and-re-solve rounds the step made (0: no feedback)
 
     def __post_init__(self) -> None:
         if self.achieved is None and self.target_ms > 0:
@@ -135,6 +137,7 @@ class Pruner:
     class is registered under (:func:`halp.pruners.register_pruner` sets it)."""
 
     method = "base"
+    uses_feedback = False  # whether prune_step closes the loop through ``self.feedback`` when set
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
                  chunk_sizes: dict[str, int] | None = None, chunk: int | str | None = None,
@@ -167,6 +170,10 @@ class Pruner:
         self.finished = False  # a method may finish before its last step (budget met)
         self.dense_ms = cost.total_ms(graph.full_widths())
         self.log: list[StepLog] = []
+        # measured feedback (halp.latency.feedback.Feedback), set by the driver when this machine is
+        # the deployment device; ``observed`` holds what it fed the cost model (part of the state)
+        self.feedback = None
+        self.observed: list[dict] = []
         floor = self.floor_ms()
         if floor > self.final_target_ms:
             unit, what = cost.unit, cost.resource
@@ -298,14 +305,21 @@ class Pruner:
         self.set_masks(keep)
         return removed, predicted
 
+    def observe(self, widths: dict[str, int], ms: float) -> None:
+        """Feed an end-to-end measurement at ``widths`` to the cost model (and the state)."""
+        self.cost.observe(widths, ms)
+        self.observed.append({"widths": dict(widths), "ms": float(ms)})
+
     def set_masks(self, keep: dict[str, torch.Tensor]) -> None:
         self.masks = ChannelMasks(keep)
         self.applier = MaskApplier(self.graph, self.masks)
         self.applier.apply()
 
-    def record(self, target_ms: float, predicted_ms: float, removed: int, resolves: int = 0) -> StepLog:
+    def record(self, target_ms: float, predicted_ms: float, removed: int, resolves: int = 0,
+               measured_ms: float | None = None, feedback_rounds: int = 0) -> StepLog:
         self.step += 1
-        entry = StepLog(self.step, self.iteration, target_ms, predicted_ms, removed, self.widths(), resolves)
+        entry = StepLog(self.step, self.iteration, target_ms, predicted_ms, removed, self.widths(), resolves,
+                        measured_ms=measured_ms, feedback_rounds=feedback_rounds)
         self.log.append(entry)
         return entry
 
@@ -325,7 +339,8 @@ class Pruner:
         return {"method": self.method, "iteration": self.iteration, "step": self.step,
                 "finished": self.finished, "masks": {k: v.clone() for k, v in self.masks.items()},
                 "log": [asdict(e) for e in self.log], "config": self.config_state(),
-                "chunks": dict(self.chunks), "dense_ms": self.dense_ms, "extra": self.extra_state()}
+                "chunks": dict(self.chunks), "dense_ms": self.dense_ms, "extra": self.extra_state(),
+                "observed": [dict(o) for o in self.observed]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("method", self.method) != self.method or state["config"] != self.config_state():
@@ -338,3 +353,6 @@ class Pruner:
         self.chunks = dict(state["chunks"])
         self.dense_ms = float(state["dense_ms"])
         self.load_extra_state(state.get("extra", {}))
+        self.observed = []
+        for o in state.get("observed", []):  # measured feedback the cost model had taken in
+            self.observe(o["widths"], o["ms"])

@@ -19,11 +19,15 @@ between groups while that raises the kept importance, and on the last step also 
 for budget use until the total is within the tolerance. With ``lookahead``, an intermediate step
 that would leave a state from which the final budget cannot be met waits instead (its log entry
 removes nothing and stays over its target). Pruned channels never return.
+With measured feedback (``pruner.feedback``, :mod:`halp.latency.feedback`), the last step times the
+network it chose against the dense one, feeds that into the cost model and re-solves under the
+corrected prices until the measured latency is within the feedback's tolerance below the target
+(at most ``max_rounds`` measurements); the best measured choice within the target is kept.
 Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -67,6 +71,8 @@ class HalpConfig:
 @register_pruner("halp", HalpConfig, label="HALP")
 class HalpPruner(Pruner):
     """Latency-constrained channel pruning driven by a cost model (one per model and device)."""
+
+    uses_feedback = True
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
                  method_cfg: HalpConfig | None = None, context: PrunerContext | None = None,
@@ -117,10 +123,38 @@ class HalpPruner(Pruner):
             current = Attempt(self.predicted_ms(), 0.0, keep, self.widths(), {})
             if current.predicted > chosen.predicted and self._reaches_final(scores, current):
                 chosen = current
+        measured, rounds = None, 0
+        if last and self.feedback is not None:
+            chosen, measured, rounds = self._close_loop(scores, keep, target, chosen)
         removed = sum(int(keep[g].sum()) - w for g, w in chosen.widths.items())
         self.set_masks(chosen.keep)
         self.saliency.reset()
-        return self.record(target, chosen.predicted, removed, resolves)
+        return self.record(target, chosen.predicted, removed, resolves, measured, rounds)
+
+    def _close_loop(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
+                    chosen: Attempt) -> tuple[Attempt, float, int]:
+        """Measure ``chosen``, correct the cost model, re-solve; return the most valuable measured
+        choice within ``target`` (else the fastest measured), its measurement and the rounds made."""
+        fb = self.feedback
+        tried: list[tuple[Attempt, float]] = []
+        for r in range(fb.max_rounds):
+            obs = fb.ratio(self.graph, chosen.widths) * self.dense_ms
+            tried.append((chosen, obs))
+            try:
+                self.observe(chosen.widths, obs)
+            except ValueError:  # measured as slow as the dense network (noise at a target near 1): no correction
+                break
+            if fb.accepts(obs, target) or r + 1 == fb.max_rounds:
+                break
+            # aim at the middle of the accepted window: the corrected map is exact only at the
+            # measured point, so a choice priced at the very target can measure a little over it
+            again = self._solve(scores, keep, target * (1 - fb.tolerance / 2), True)[0]
+            if again.widths == chosen.widths:  # the corrected prices choose the same network
+                break
+            chosen = again
+        fitting = [t for t in tried if t[1] <= target * (1 + 1e-9)]
+        best, ms = max(fitting, key=lambda t: (t[0].value, t[1])) if fitting else min(tried, key=lambda t: t[1])
+        return replace(best, predicted=self.cost.total_ms(best.widths)), ms, len(tried)
 
     def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
         """Whether a final step from ``a`` (same scores) lands within the tolerance of the final budget."""

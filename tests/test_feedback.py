@@ -1,0 +1,201 @@
+"""Measured feedback: the cost model passes through what was measured, and HALP's last step, fed
+measurements of a "machine" the table mispredicts, ends within the tolerance below its target,
+where the open loop ends over it. The machine here is a second synthetic table (widths off the
+SIMD width of 8 cost extra, which uniform-width anchors cannot see), so nothing depends on load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halp.graph import ChannelGraph
+from halp.latency import feedback as feedback_module
+from halp.latency.anchors import anchor_widths
+from halp.latency.backends import Setting
+from halp.latency.cost import CostModel
+from halp.latency.feedback import Feedback
+from halp.latency.timing import Timing
+from halp.models import create_model
+from halp.pruners import HalpConfig, HalpPruner, PruneConfig
+
+from conftest import synthetic_table
+
+
+def lin(spec, ci, co):
+    return 0.01 * ci * co * spec.kernel[0] * spec.kernel[1] / 9 + 0.05
+
+
+def lin_machine(spec, ci, co):
+    return lin(spec, ci, co) + (0.3 if co % 8 else 0.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    graph = ChannelGraph.build(create_model("halp:resnet20", num_classes=10, in_chans=1), (1, 12, 12))
+    table = synthetic_table(graph, lin, step=2)
+    machine = CostModel.create(graph, synthetic_table(graph, lin_machine, step=2), overhead="none")
+
+    def truth(widths):  # what the machine measures end to end
+        return machine.units_ms(widths) + 0.5
+
+    steps = {gid: int(g["step"]) for gid, g in table.groups.items()}
+    calibration = {"anchors": [{"name": n, "ms": truth(w), "widths": w}
+                               for n, w in anchor_widths(graph, steps).items()]}
+    return graph, table, calibration, truth
+
+
+class MachineFeedback(Feedback):
+    """Feedback whose timings come from ``truth`` instead of a clock."""
+
+    def __init__(self, graph, truth, **kw):
+        super().__init__(Setting(), **kw)
+        self.truth, self.full, self.calls = truth, graph.full_widths(), 0
+
+    def ratio(self, graph, widths):
+        self.calls += 1
+        return self.truth(widths) / self.truth(self.full)
+
+
+def prune(graph, cost, target, feedback=None, steps=4, seed=0):
+    pruner = HalpPruner(graph, cost, PruneConfig(target=target, steps=steps, chunk=2, allow_vanish=True), HalpConfig())
+    pruner.feedback = feedback
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        pruner.saliency.sums = {g.id: torch.rand(g.width, generator=gen, dtype=torch.float64) ** 3
+                                for g in pruner.groups}
+        pruner.saliency.count = 1
+        pruner.prune_step()
+    return pruner
+
+
+def test_observe_makes_the_map_pass_through_the_measurement(setup):
+    graph, table, calibration, truth = setup
+    cost = CostModel.create(graph, table, calibration=calibration)
+    full = graph.full_widths()
+    dense = cost.total_ms(full)
+    widths = {gid: max(1, w * 3 // 5) for gid, w in full.items()}
+    ms = 0.9 * cost.total_ms(widths)
+    cost.observe(widths, ms)
+    assert cost.total_ms(widths) == pytest.approx(ms)
+    assert cost.total_ms(full) == pytest.approx(dense)  # the dense point never moves
+    xs, ys = cost.knots
+    assert (xs[1:] > xs[:-1]).all() and (ys[1:] > ys[:-1]).all()
+    # a newer measurement at the same units sum replaces the older one
+    cost.observe(widths, 0.8 * ms)
+    assert cost.total_ms(widths) == pytest.approx(0.8 * ms) and len(cost.observed) == 1
+    # one that contradicts an anchor (slower than the half anchor with fewer channels) wins over it
+    half = anchor_widths(graph, {gid: int(g["step"]) for gid, g in table.groups.items()})["half"]
+    below = {gid: max(1, w - 2) for gid, w in half.items()}
+    slow = cost.total_ms(half) * 1.05
+    cost.observe(below, slow)
+    assert cost.total_ms(below) == pytest.approx(slow)
+    xs, ys = cost.knots
+    assert (ys[1:] > ys[:-1]).all()
+    with pytest.raises(ValueError, match="faster than the dense"):
+        cost.observe(widths, dense * 1.01)
+
+
+def test_observe_works_on_a_map_without_anchors(setup):
+    graph, table, _, _ = setup
+    cost = CostModel.create(graph, table, overhead="none")  # the map is the identity
+    widths = {gid: max(1, w // 2) for gid, w in graph.full_widths().items()}
+    cost.observe(widths, 1.2 * cost.units_ms(widths))
+    assert cost.total_ms(widths) == pytest.approx(1.2 * cost.units_ms(widths))
+    assert cost.total_ms(graph.full_widths()) == pytest.approx(cost.units_ms(graph.full_widths()))
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_last_step_lands_within_the_tolerance_of_the_measured_target(setup, target):
+    graph, table, calibration, truth = setup
+    full = graph.full_widths()
+    open_loop = prune(graph, CostModel.create(graph, table, calibration=calibration), target)
+    miss = truth(open_loop.widths()) / truth(full) / target
+    assert miss > 1.01, miss  # the premise: the table alone ends over the measured target
+
+    fb = MachineFeedback(graph, truth, tolerance=0.03, max_rounds=3)
+    closed = prune(graph, CostModel.create(graph, table, calibration=calibration), target, fb)
+    measured = truth(closed.widths()) / truth(full) / target
+    assert 0.97 <= measured <= 1.0, measured
+    last = closed.log[-1]
+    assert 1 <= last.feedback_rounds == fb.calls <= 3
+    assert last.measured_ms == pytest.approx(measured * target * closed.dense_ms)
+    assert last.predicted_ms == pytest.approx(closed.cost.total_ms(closed.widths()))
+    assert all(e.measured_ms is None and e.feedback_rounds == 0 for e in closed.log[:-1])  # last step only
+
+
+def test_observations_are_part_of_the_checkpoint(setup):
+    graph, table, calibration, truth = setup
+    pruner = prune(graph, CostModel.create(graph, table, calibration=calibration), 0.5,
+                   MachineFeedback(graph, truth))
+    assert pruner.observed
+    fresh = HalpPruner(graph, CostModel.create(graph, table, calibration=calibration),
+                       PruneConfig(target=0.5, steps=4, chunk=2, allow_vanish=True), HalpConfig())
+    fresh.load_state_dict(pruner.state_dict())
+    for o in pruner.observed:
+        assert fresh.cost.total_ms(o["widths"]) == pytest.approx(pruner.cost.total_ms(o["widths"]))
+
+
+def test_ratio_is_the_median_of_interleaved_repeats(setup, monkeypatch):
+    graph, *_ = setup
+    widths = {gid: max(1, w // 2) for gid, w in graph.full_widths().items()}
+    seen = []
+
+    def fake_measure(backend, runners, protocol):
+        assert len(runners) == 2  # dense and slim, timed in the same rounds
+        outs = [run() for run in runners]
+        seen.append((protocol.seed, [o.shape for o in outs]))
+        slim = {0: 4.0, 1: 6.0, 2: 5.0}[len(seen) - 1]
+        return [Timing(10.0, 0.0, 1), Timing(slim, 0.0, 1)]
+
+    monkeypatch.setattr(feedback_module, "measure", fake_measure)
+    fb = Feedback(Setting(batch=2), repeats=3)
+    assert fb.ratio(graph, widths) == pytest.approx(0.5)
+    assert [s for s, _ in seen] == [0, 1, 2]
+    assert all(shapes[0] == shapes[1] == (2, 10) for _, shapes in seen)
+
+
+def test_bad_feedback_settings_are_refused():
+    with pytest.raises(ValueError, match="tolerance"):
+        Feedback(Setting(), tolerance=0)
+    with pytest.raises(ValueError, match="max_rounds"):
+        Feedback(Setting(), max_rounds=0)
+
+
+def test_a_job_with_feedback_records_its_measurement(tmp_path, caplog):
+    import logging
+
+    from experiments.job import LatencyConfig, run_job
+    from halp.pruners import PruneConfig as PC
+    from test_job import tiny
+    from toy_job import toy_table
+
+    lat = LatencyConfig(batch=2, step=4, rounds=1, table=toy_table(tmp_path), allow_mismatch=True, overhead="none",
+                        feedback=True, feedback_rounds=2)
+    with caplog.at_level(logging.INFO):
+        r = run_job(tiny(tmp_path, latency=lat, prune=PC(target=0.7, interval=2, steps=3, chunk=4, allow_vanish=True)),
+                    tmp_path / "run")
+    assert "measured feedback: on" in caplog.text
+    *middle, last = r["prune_log"]
+    assert 1 <= last["feedback_rounds"] <= 2 and last["measured_ms"] > 0
+    assert all(e["measured_ms"] is None for e in middle)
+    assert r["pruned"]["predicted_ms"] == pytest.approx(last["predicted_ms"])
+
+
+def test_baselines_and_macs_budgets_are_priced_open_loop(setup, caplog):
+    import logging
+
+    from experiments.job import JobConfig, LatencyConfig, attach_feedback, make_pruner
+    from halp.macs_cost import MacsCost
+
+    graph, table, calibration, _ = setup
+    cost = CostModel.create(graph, table, calibration=calibration)
+    for method, c, why in (("magnitude", cost, "only HALP closes the loop"), ("halp", MacsCost(graph, table), "MACs")):
+        cfg = JobConfig(method=method, latency=LatencyConfig(feedback=True), prune=PruneConfig(target=0.5, chunk=2))
+        pruner = make_pruner(cfg, graph, c)
+        with caplog.at_level(logging.INFO):
+            attach_feedback(cfg, pruner)
+        assert pruner.feedback is None and why in caplog.text
+    cfg = JobConfig(latency=LatencyConfig(feedback=True, feedback_tolerance=0.02), prune=PruneConfig(target=0.5, chunk=2))
+    pruner = make_pruner(cfg, graph, cost)
+    attach_feedback(cfg, pruner)
+    assert pruner.feedback.tolerance == 0.02
