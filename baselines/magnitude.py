@@ -65,6 +65,8 @@ def magnitude_scores(graph: ChannelGraph, groups, reduce: str = "first",
 
 @register_pruner("magnitude", MagnitudeConfig, label="Magnitude")
 class MagnitudePruner(Pruner):
+    uses_feedback = True  # the last removal is timed and re-planned (Pruner.remove_in_order_measured)
+
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
                  method_cfg: MagnitudeConfig | None = None, context: PrunerContext | None = None,
                  chunk_sizes: dict[str, int] | None = None) -> None:
@@ -87,8 +89,12 @@ class MagnitudePruner(Pruner):
 
     def prune_step(self) -> StepLog:
         target = self.target_ms(self.step + 1)
-        removed, predicted = self.remove_in_order(self.ranked_units(self.scores()), target)
-        return self.record(target, predicted, removed)
+        units = self.ranked_units(self.scores())
+        if self.step + 1 < self.steps_total:
+            removed, predicted = self.remove_in_order(units, target)
+            return self.record(target, predicted, removed)
+        removed, predicted, measured, rounds = self.remove_in_order_measured(units, target)  # the last step
+        return self.record(target, predicted, removed, measured_ms=measured, feedback_rounds=rounds)
 
     def config_state(self) -> dict:
         return {**asdict(self.cfg), "magnitude": asdict(self.mcfg)}

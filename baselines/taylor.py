@@ -39,6 +39,8 @@ class TaylorConfig:
 
 @register_pruner("taylor", TaylorConfig, label="Taylor")
 class TaylorPruner(Pruner):
+    uses_feedback = True  # the last removal is timed and re-planned (Pruner.remove_in_order_measured)
+
     def __init__(self, graph: ChannelGraph, cost: CostModel, config: PruneConfig,
                  method_cfg: TaylorConfig | None = None, context: PrunerContext | None = None,
                  chunk_sizes: dict[str, int] | None = None) -> None:
@@ -64,9 +66,10 @@ class TaylorPruner(Pruner):
         self.saliency.reset()
         target = self.final_target_ms
         last = self.step + 1 >= self.steps_total
-        removed, predicted = self.remove_in_order(self.ranked_units(scores), target,
-                                                  limit=None if last else self.tcfg.neurons)
-        entry = self.record(target, predicted, removed)
+        # measured feedback (when set) on the step that reaches the target, the one that finishes
+        removed, predicted, measured, rounds = self.remove_in_order_measured(
+            self.ranked_units(scores), target, limit=None if last else self.tcfg.neurons)
+        entry = self.record(target, predicted, removed, measured_ms=measured, feedback_rounds=rounds)
         self.finished = predicted <= target
         return entry
 

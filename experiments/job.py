@@ -74,7 +74,7 @@ def attach_feedback(cfg: JobConfig, pruner: Pruner, de: distributed.DistEnv = di
     lat = cfg.latency
     if not lat.feedback:
         return
-    why = (f"{method_label(cfg.method_name)} prices open-loop (only HALP closes the loop)" if not pruner.uses_feedback
+    why = (f"{method_label(cfg.method_name)} prices open-loop (it picks among sampled candidates; HALP, Taylor and magnitude close the loop)" if not pruner.uses_feedback
            else "the budget is in MACs, not latency" if pruner.cost.resource != "latency" else None)
     if why:
         log.info(f"measured feedback: off, {why}")
@@ -82,7 +82,7 @@ def attach_feedback(cfg: JobConfig, pruner: Pruner, de: distributed.DistEnv = di
     if de.is_main:
         pruner.feedback = Feedback(lat.setting(), tolerance=lat.feedback_tolerance, max_rounds=lat.feedback_rounds,
                                    protocol=dataclasses.replace(FEEDBACK_PROTOCOL, seed=cfg.seed))
-        log.info(f"measured feedback: on; the last pruning step times its network against the dense one here "
+        log.info(f"measured feedback: on; the pruning step that reaches the target times its network against the dense one here "
                  f"({lat.backend}, batch {lat.batch}, {lat.threads} thread(s)) until it is within "
                  f"{percent(lat.feedback_tolerance)} below the target ({lat.feedback_rounds} timings at most)")
 

@@ -284,6 +284,13 @@ class Pruner:
         """Remove ``units`` in order until the predicted latency is at most ``target_ms`` or
         ``limit`` channels are gone, skipping a group's remaining units once the next one would
         take it below :meth:`min_keep`. Returns (channels removed, predicted latency)."""
+        keep, removed, predicted = self._plan_removal(units, target_ms, limit)
+        self.set_masks(keep)
+        return removed, predicted
+
+    def _plan_removal(self, units: Sequence[Unit], target_ms: float, limit: int | None
+                      ) -> tuple[dict[str, torch.Tensor], int, float]:
+        """What :meth:`remove_in_order` would keep, without applying it."""
         keep = {gid: m.clone() for gid, m in self.masks.items()}
         widths = {gid: int(m.sum()) for gid, m in keep.items()}
         mins = {g.id: self.min_keep(g) for g in self.groups}
@@ -302,8 +309,37 @@ class Pruner:
             widths[gid] -= len(idx)
             removed += len(idx)
             predicted = self.cost.total_ms(widths)
+        return keep, removed, predicted
+
+    def remove_in_order_measured(self, units: Sequence[Unit], target_ms: float, limit: int | None = None
+                                 ) -> tuple[int, float, float | None, int]:
+        """:meth:`remove_in_order`, closing the loop through ``self.feedback`` (when set) once the
+        removal reaches ``target_ms``: the result is timed against the dense network, the cost model
+        takes the measurement in, and the step's removal is planned again under the corrected
+        prices, until the measurement is within the feedback's tolerance below the target. Keeps the
+        measured plan within the target that removes fewest channels (else the fastest measured).
+        Returns (channels removed, predicted, measured or None, measurements made)."""
+        keep, removed, predicted = self._plan_removal(units, target_ms, limit)
+        fb = self.feedback
+        if fb is None or predicted > target_ms * (1 + 1e-9):
+            self.set_masks(keep)
+            return removed, predicted, None, 0
+        tried: list[tuple[dict[str, torch.Tensor], int, float]] = []
+        for r in range(fb.max_rounds):
+            widths = {gid: int(m.sum()) for gid, m in keep.items()}
+            ms = fb.ratio(self.graph, widths) * self.dense_ms
+            tried.append((keep, removed, ms))
+            try:
+                self.observe(widths, ms)
+            except ValueError:  # measured as slow as the dense network: nothing to correct with
+                break
+            if fb.accepts(ms, target_ms) or r + 1 == fb.max_rounds:
+                break
+            keep, removed, _ = self._plan_removal(units, target_ms * (1 - fb.tolerance / 2), limit)
+        fitting = [t for t in tried if t[2] <= target_ms * (1 + 1e-9)]
+        keep, removed, ms = min(fitting, key=lambda t: t[1]) if fitting else min(tried, key=lambda t: t[2])
         self.set_masks(keep)
-        return removed, predicted
+        return removed, self.cost.total_ms(self.widths()), ms, len(tried)
 
     def observe(self, widths: dict[str, int], ms: float) -> None:
         """Feed an end-to-end measurement at ``widths`` to the cost model (and the state)."""
