@@ -154,6 +154,12 @@ def test_ratio_is_the_median_of_interleaved_repeats(setup, monkeypatch):
     assert all(shapes[0] == shapes[1] == (2, 10) for _, shapes in seen)
 
 
+def test_feedback_for_a_table_uses_its_setting(setup):
+    _, table, *_ = setup
+    table.meta["setting"] = {"backend": "torch", "batch": 7, "threads": 1, "memory_format": "contiguous"}
+    assert Feedback.for_table(table, tolerance=0.05).setting == Setting(batch=7)
+
+
 def test_bad_feedback_settings_are_refused():
     with pytest.raises(ValueError, match="tolerance"):
         Feedback(Setting(), tolerance=0)

@@ -15,6 +15,7 @@ move the budget. This module measures; the pruner decides (``HalpPruner``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -43,6 +44,13 @@ class Feedback:
     max_rounds: int = 3
     repeats: int = 3
     protocol: Protocol = FEEDBACK_PROTOCOL
+
+    @classmethod
+    def for_table(cls, table, **kw) -> "Feedback":
+        """Feedback in the setting ``table`` (a :class:`~halp.latency.table.LatencyTable`) was measured in."""
+        recorded = table.meta.get("setting") or {}
+        names = {f.name for f in dataclasses.fields(Setting)}
+        return cls(Setting(**{k: v for k, v in recorded.items() if k in names}), **kw)
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
