@@ -103,3 +103,33 @@ def test_grouped_convs_keep_their_groups_and_prune_every_group_alike():
     uneven[0, -1] = True  # one slice keeps more than the others
     with pytest.raises(ValueError, match=f"grouped conv .* same channels kept in each of its {g.slices} slices"):
         ChannelMasks({**ChannelMasks.full(graph), g.id: uneven.flatten()}).validate(graph)
+
+
+def test_regnet_branches_can_vanish_and_slim_like_the_masked_model():
+    """timm's RegNet bottleneck is a residual block (``downsample``: Identity = the input itself):
+    emptying a group inside its branch leaves ``act3(shortcut(x) + constant)``, so the blocks that
+    dominate a RegNet's latency on small inputs can go entirely."""
+    from conftest import randomize_norms
+
+    torch.manual_seed(0)
+    model = randomize_norms(create_model("timm:regnetx_002", num_classes=10, in_chans=1).eval())
+    graph = ChannelGraph.build(model, (1, 28, 28))
+    vanishing = {gid for gid, g in graph.groups.items() if g.can_vanish}
+    assert {graph.groups[gid].residual_block for gid in vanishing} >= {"s1.b1", "s3.b2", "s4.b7"}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        widths = graph.full_widths()
+        for gid, g in graph.groups.items():
+            if gid in vanishing and torch.rand(1, generator=gen) < 0.5:
+                widths[gid] = 0
+            elif g.prunable and not g.contains_stem:
+                widths[gid] = max(g.slices, (g.width // 2) // g.slices * g.slices)
+        assert any(w == 0 for w in widths.values())
+        masks = ChannelMasks.prefix(graph, widths)
+        masked, _ = masked_copy(graph, masks)
+        slim = slim_model(graph, masks).eval()
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            a, b = masked.eval()(x), slim(x)
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+        assert sum(p.numel() for p in slim.parameters()) == count(graph, widths).params

@@ -35,6 +35,15 @@ def _timm_plain(end: str, act: str) -> Callable[[nn.Module], ResidualSpec | None
     return adapter
 
 
+def _timm_regnet(block: nn.Module) -> ResidualSpec | None:
+    # timm's RegNet bottleneck: ``downsample`` is the shortcut (None: no skip at all, Identity:
+    # the input itself); conv3 is a ConvNormAct without activation, act3 follows the addition
+    if block.downsample is None or not isinstance(block.se, nn.Identity):
+        return None
+    shortcut = None if isinstance(block.downsample, nn.Identity) else "downsample"
+    return ResidualSpec("conv3.bn", shortcut, "act3")
+
+
 def _register() -> None:
     try:
         from torchvision.models import mobilenetv2 as tv_mbv2
@@ -51,6 +60,9 @@ def _register() -> None:
         return
     register_residual_block(timm_resnet.BasicBlock, _timm_plain("bn2", "act2"))
     register_residual_block(timm_resnet.Bottleneck, _timm_plain("bn3", "act3"))
+    from timm.models import regnet as timm_regnet
+
+    register_residual_block(timm_regnet.Bottleneck, _timm_regnet)
 
 
 _register()
