@@ -345,7 +345,7 @@ def test_every_method_prunes_a_detector_end_to_end(method, fashiondet, tmp_path)
     path = table.save(tmp_path / "table.json")
     over = ["experiment=fashiondet_ssd", f"method={method}", f"data.root={fashiondet}",
             f"latency.table={path}", "latency.allow_mismatch=true", "latency.overhead=none", "latency.batch=2",
-            "measure_rounds=1", f"cache_dir={tmp_path / 'cache'}", "progress=false", "prune.interval=1",
+            "latency.feedback=false", "measure_rounds=1", f"cache_dir={tmp_path / 'cache'}", "progress=false", "prune.interval=1",
             "prune.steps=2", "prune.target=0.6", "dense.epochs=1", "finetune.epochs=1", "dense.batch_size=8",
             "finetune.batch_size=8", "dense.eval_batch_size=8", "finetune.eval_batch_size=8"]
     over += {"taylor": ["method.neurons=8"], "eagleeye": ["method.candidates=3", "method.calib_batches=1",
