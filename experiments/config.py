@@ -68,8 +68,8 @@ class LatencyConfig(Setting):
     # feedback_tolerance below the target (at most feedback_rounds timings). Only right when this
     # machine is the deployment device; off here = the paper's open loop (the device presets set it)
     feedback: bool = False
-    feedback_tolerance: float = 0.03
-    feedback_rounds: int = 3
+    feedback_tolerance: float = 0.02
+    feedback_rounds: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -40,8 +40,8 @@ class Feedback:
     ratio is the median over the repeats of the per-repeat median ratios)."""
 
     setting: Setting
-    tolerance: float = 0.03
-    max_rounds: int = 3
+    tolerance: float = 0.02
+    max_rounds: int = 4
     repeats: int = 3
     protocol: Protocol = FEEDBACK_PROTOCOL
 

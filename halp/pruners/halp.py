@@ -133,27 +133,52 @@ class HalpPruner(Pruner):
 
     def _close_loop(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
                     chosen: Attempt) -> tuple[Attempt, float, int]:
-        """Measure ``chosen``, correct the cost model, re-solve; return the most valuable measured
-        choice within ``target`` (else the fastest measured), its measurement and the rounds made."""
+        """Measure ``chosen`` and search the solver's budget against measurements until one lands
+        in the accepted window; return the most valuable measured choice within ``target`` (else
+        the fastest measured), its measurement and the rounds made. The cost model is then made to
+        pass through every measurement, the returned one last, so its prediction is what was measured."""
         fb = self.feedback
         tried: list[tuple[Attempt, float]] = []
+        mid = target * (1 - fb.tolerance / 2)  # aim inside the window, not at its edge
+        aim = target
+        under: tuple[float, float] | None = None  # (budget, measured): the largest that measured under the window
+        over: tuple[float, float] | None = None   # the smallest whose choice measured over the target
         for r in range(fb.max_rounds):
             obs = fb.ratio(self.graph, chosen.widths) * self.dense_ms
             tried.append((chosen, obs))
-            try:
-                self.observe(chosen.widths, obs)
-            except ValueError:  # measured as slow as the dense network (noise at a target near 1): no correction
-                break
             if fb.accepts(obs, target) or r + 1 == fb.max_rounds:
                 break
-            # aim at the middle of the accepted window: the corrected map is exact only at the
-            # measured point, so a choice priced at the very target can measure a little over it
-            again = self._solve(scores, keep, target * (1 - fb.tolerance / 2), True)[0]
-            if again.widths == chosen.widths:  # the corrected prices choose the same network
+            if obs > target:
+                over = (aim, obs) if over is None or aim < over[0] else over
+            else:
+                under = (aim, obs) if under is None or aim > under[0] else under
+            seen = [t[0].widths for t in tried]
+            again = None
+            for k in range(6):  # step on while the solver answers with a network already measured
+                if under is not None and over is not None:
+                    # secant between the bracketing budgets, kept off their ends
+                    (a0, m0), (a1, m1) = under, over
+                    frac = min(max((mid - m0) / (m1 - m0), 0.1), 0.9) if k == 0 else 0.5
+                    nxt = a0 + frac * (a1 - a0)
+                else:  # latency is about proportional to the budget near it: scale by the miss
+                    nxt = aim * (mid / obs) ** (k + 1)
+                again = self._solve(scores, keep, nxt, True)[0]
+                if again.widths not in seen:
+                    break
+                if under is not None and over is not None:  # narrow the bracket on the repeated side
+                    ms = next(m for a, m in tried if a.widths == again.widths)
+                    under, over = ((nxt, ms), over) if ms <= target else (under, (nxt, ms))
+                again = None
+            if again is None:  # no other network between what was measured
                 break
-            chosen = again
+            aim, chosen = nxt, again
         fitting = [t for t in tried if t[1] <= target * (1 + 1e-9)]
         best, ms = max(fitting, key=lambda t: (t[0].value, t[1])) if fitting else min(tried, key=lambda t: t[1])
+        for a, m in [t for t in tried if t[0] is not best] + [(best, ms)]:
+            try:
+                self.observe(a.widths, m)
+            except ValueError:  # measured as slow as the dense network (noise at a target near 1)
+                pass
         return replace(best, predicted=self.cost.total_ms(best.widths)), ms, len(tried)
 
     def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
