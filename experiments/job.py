@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -50,13 +51,28 @@ log = logging.getLogger(__name__)
 __all__ = ["JobConfig", "LatencyConfig", "ModelConfig", "format_result", "make_pruner", "run_job"]
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The commit of the code this process runs: read once, at import (below), so a commit made
+    while a job or a sweep runs in this process does not relabel what the old code produced."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+git_commit()
+
+
+def measured_note(entry, unit: str) -> str:
+    """What measured feedback did on a pruning step, for its log line ("" when it did nothing)."""
+    if entry.measured_ms is None:
+        return ""
+    trials = ", ".join(f"{t['predicted_ms']:.4g} -> {t['measured_ms']:.4g}" for t in entry.feedback_trials)
+    return (f"; measured {entry.measured_ms:.4g} {unit} after {entry.feedback_rounds} timing(s)"
+            + (f" (table's price -> measured: {trials})" if trials else ""))
 
 
 def make_pruner(cfg: JobConfig, graph: ChannelGraph, cost: CostModel, runtime: Runtime = CPU) -> Pruner:
@@ -197,7 +213,8 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
 
         def report(entry) -> None:
             log.info(f"step {entry.step}: target {entry.target_ms:.4g} {unit}, predicted {entry.predicted_ms:.4g} "
-                     f"{unit} ({percent(entry.achieved or 0)} of it), removed {entry.removed} channels")
+                     f"{unit} ({percent(entry.achieved or 0)} of it), removed {entry.removed} channels"
+                     + measured_note(entry, unit))
             tracker.log({"prune/step": entry.step, "prune/target_ms": entry.target_ms,
                          "prune/predicted_ms": entry.predicted_ms, "prune/removed": entry.removed},
                         step=entry.iteration)

@@ -120,6 +120,8 @@ def test_last_step_lands_within_the_tolerance_of_the_measured_target(setup, targ
     assert 1 <= last.feedback_rounds == fb.calls <= 3
     assert last.measured_ms == pytest.approx(measured * target * closed.dense_ms)
     assert last.predicted_ms == pytest.approx(closed.cost.total_ms(closed.widths()))
+    assert len(last.feedback_trials) == last.feedback_rounds
+    assert [t["measured_ms"] for t in last.feedback_trials].count(last.measured_ms) >= 1
     assert all(e.measured_ms is None and e.feedback_rounds == 0 for e in closed.log[:-1])  # last step only
 
 
@@ -216,7 +218,9 @@ def test_a_job_with_feedback_records_its_measurement(tmp_path, caplog):
                     tmp_path / "run")
     assert "measured feedback: on" in caplog.text
     *middle, last = r["prune_log"]
-    assert 1 <= last["feedback_rounds"] <= 2 and last["measured_ms"] > 0
+    assert 1 <= last["feedback_rounds"] == len(last["feedback_trials"]) <= 2 and last["measured_ms"] > 0
+    assert last["measured_ms"] in [t["measured_ms"] for t in last["feedback_trials"]]
+    assert f"measured {last['measured_ms']:.4g} ms after {last['feedback_rounds']} timing(s)" in caplog.text
     assert all(e["measured_ms"] is None for e in middle)
     assert r["pruned"]["predicted_ms"] == pytest.approx(last["predicted_ms"])
 

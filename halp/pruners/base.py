@@ -101,6 +101,9 @@ class StepLog:
     achieved: float | None = None  # predicted / target: how much of the step's budget is used
     measured_ms: float | None = None  # measured feedback: the chosen network timed (dense anchor × ratio)
     feedback_rounds: int = 0  # measure-and-re-solve rounds the step made (0: no feedback)
+    # every network the feedback timed, in order: {"predicted_ms": the table's price before any
+    # correction, "measured_ms"}; shows whether the chunk grid held a network inside the window
+    feedback_trials: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.achieved is None and self.target_ms > 0:
@@ -352,10 +355,12 @@ class Pruner:
         self.applier.apply()
 
     def record(self, target_ms: float, predicted_ms: float, removed: int, resolves: int = 0,
-               measured_ms: float | None = None, feedback_rounds: int = 0) -> StepLog:
+               measured_ms: float | None = None, feedback_rounds: int = 0,
+               feedback_trials: list[dict[str, float]] | None = None) -> StepLog:
         self.step += 1
         entry = StepLog(self.step, self.iteration, target_ms, predicted_ms, removed, self.widths(), resolves,
-                        measured_ms=measured_ms, feedback_rounds=feedback_rounds)
+                        measured_ms=measured_ms, feedback_rounds=feedback_rounds,
+                        feedback_trials=list(feedback_trials or []))
         self.log.append(entry)
         return entry
 

@@ -123,20 +123,22 @@ class HalpPruner(Pruner):
             current = Attempt(self.predicted_ms(), 0.0, keep, self.widths(), {})
             if current.predicted > chosen.predicted and self._reaches_final(scores, current):
                 chosen = current
-        measured, rounds = None, 0
+        measured, rounds, trials = None, 0, []
         if last and self.feedback is not None:
-            chosen, measured, rounds = self._close_loop(scores, keep, target, chosen)
+            chosen, measured, trials = self._close_loop(scores, keep, target, chosen)
+            rounds = len(trials)
         removed = sum(int(keep[g].sum()) - w for g, w in chosen.widths.items())
         self.set_masks(chosen.keep)
         self.saliency.reset()
-        return self.record(target, chosen.predicted, removed, resolves, measured, rounds)
+        return self.record(target, chosen.predicted, removed, resolves, measured, rounds, trials)
 
     def _close_loop(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
-                    chosen: Attempt) -> tuple[Attempt, float, int]:
+                    chosen: Attempt) -> tuple[Attempt, float, list[dict[str, float]]]:
         """Measure ``chosen`` and search the solver's budget against measurements until one lands
-        in the accepted window; return the most valuable measured choice within ``target`` (else
-        the fastest measured), its measurement and the rounds made. The cost model is then made to
-        pass through every measurement, the returned one last, so its prediction is what was measured."""
+        in the accepted window. Returns the most valuable measured choice within ``target`` (else
+        the fastest measured), its measurement, and every trial (the table's price, the measured
+        latency). The cost model is then made to pass through every measurement, the returned one
+        last, so its prediction is what was measured."""
         fb = self.feedback
         tried: list[tuple[Attempt, float]] = []
         mid = target * (1 - fb.tolerance / 2)  # aim inside the window, not at its edge
@@ -179,7 +181,8 @@ class HalpPruner(Pruner):
                 self.observe(a.widths, m)
             except ValueError:  # measured as slow as the dense network (noise at a target near 1)
                 pass
-        return replace(best, predicted=self.cost.total_ms(best.widths)), ms, len(tried)
+        trials = [{"predicted_ms": a.predicted, "measured_ms": m} for a, m in tried]
+        return replace(best, predicted=self.cost.total_ms(best.widths)), ms, trials
 
     def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
         """Whether a final step from ``a`` (same scores) lands within the tolerance of the final budget."""
