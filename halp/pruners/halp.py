@@ -142,38 +142,39 @@ class HalpPruner(Pruner):
         fb = self.feedback
         tried: list[tuple[Attempt, float]] = []
         mid = target * (1 - fb.tolerance / 2)  # aim inside the window, not at its edge
-        aim = target
-        under: tuple[float, float] | None = None  # (budget, measured): the largest that measured under the window
-        over: tuple[float, float] | None = None   # the smallest whose choice measured over the target
+        # The search runs on the table's price of each timed network: the measured latency is
+        # about a smooth function of it, while the solver's budget maps to prices by steps.
+        under: tuple[float, float] | None = None  # (price, measured): the priciest that measured under the window
+        over: tuple[float, float] | None = None   # the cheapest that measured over the target
         for r in range(fb.max_rounds):
             obs = fb.ratio(self.graph, chosen.widths) * self.dense_ms
             tried.append((chosen, obs))
             if fb.accepts(obs, target) or r + 1 == fb.max_rounds:
                 break
+            price = chosen.predicted
             if obs > target:
-                over = (aim, obs) if over is None or aim < over[0] else over
+                over = (price, obs) if over is None or price < over[0] else over
             else:
-                under = (aim, obs) if under is None or aim > under[0] else under
-            seen = [t[0].widths for t in tried]
-            again = None
-            for k in range(6):  # step on while the solver answers with a network already measured
-                if under is not None and over is not None:
-                    # secant between the bracketing budgets, kept off their ends
-                    (a0, m0), (a1, m1) = under, over
-                    frac = min(max((mid - m0) / (m1 - m0), 0.1), 0.9) if k == 0 else 0.5
-                    nxt = a0 + frac * (a1 - a0)
-                else:  # latency is about proportional to the budget near it: scale by the miss
-                    nxt = aim * (mid / obs) ** (k + 1)
-                again = self._solve(scores, keep, nxt, True)[0]
-                if again.widths not in seen:
+                under = (price, obs) if under is None or price > under[0] else under
+            if under is not None and over is not None:
+                (p0, m0), (p1, m1) = under, over
+                if p1 <= p0:  # a pricier network measured faster: noise or a table that misorders them
                     break
-                if under is not None and over is not None:  # narrow the bracket on the repeated side
-                    ms = next(m for a, m in tried if a.widths == again.widths)
-                    under, over = ((nxt, ms), over) if ms <= target else (under, (nxt, ms))
-                again = None
-            if again is None:  # no other network between what was measured
+                # secant between the bracketing prices, kept off their ends
+                aim = p0 + min(max((mid - m0) / (m1 - m0), 0.1), 0.9) * (p1 - p0)
+            else:  # latency is about proportional to the price near it: scale by the miss
+                aim = price * mid / obs
+            seen, again = [t[0].widths for t in tried], None
+            for _ in range(6):  # step on while the solver answers with a network already timed
+                candidate = self._solve(scores, keep, aim, True)[0]
+                if candidate.widths not in seen:
+                    again = candidate
+                    break
+                # nothing new priced at most ``aim`` above what was timed: look further that way
+                aim = 0.5 * (aim + over[0]) if under is not None and over is not None else aim * mid / obs
+            if again is None:  # no other network between what was timed
                 break
-            aim, chosen = nxt, again
+            chosen = again
         fitting = [t for t in tried if t[1] <= target * (1 + 1e-9)]
         best, ms = max(fitting, key=lambda t: (t[0].value, t[1])) if fitting else min(tried, key=lambda t: t[1])
         for a, m in [t for t in tried if t[0] is not best] + [(best, ms)]:
