@@ -89,7 +89,9 @@ def _pruning_step(checkpoint: Path) -> int:
         return 0  # not written yet (files are replaced atomically, so never half-read)
 
 
-@pytest.mark.parametrize("sig", ["USR2", "USR1"])  # submitit's preemption signal, and the one users often send
+# submitit's preemption signal, and the one users often send; the same code path handles both, so
+# the default run takes USR2 and the slow suite (-m slow) adds USR1 (95 s each)
+@pytest.mark.parametrize("sig", ["USR2", pytest.param("USR1", marks=pytest.mark.slow)])
 def test_preempted_job_requeues_resumes_mid_pruning_and_matches_an_uninterrupted_run(slurm_env, tmp_path, sig):
     steps = 10
     args = overrides(tmp_path, width=1.0, shape=(1, 28, 28), samples=2048, batch=64, finetune_epochs=3,
