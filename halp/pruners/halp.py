@@ -134,8 +134,8 @@ class HalpPruner(Pruner):
 
     def _close_loop(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
                     chosen: Attempt) -> tuple[Attempt, float, list[dict[str, float]]]:
-        """Measure ``chosen`` and search the solver's budget against measurements until one lands
-        in the accepted window. Returns the most valuable measured choice within ``target`` (else
+        """Measure ``chosen``, then choose again at prices aimed by the measurements so far, until
+        a measurement lands in the accepted window. Returns the most valuable measured choice within ``target`` (else
         the fastest measured), its measurement, and every trial (the table's price, the measured
         latency). The cost model is then made to pass through every measurement, the returned one
         last, so its prediction is what was measured."""
