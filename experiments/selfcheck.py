@@ -40,7 +40,7 @@ def overrides(cuda: bool, out: Path) -> list[str]:
               f"cache_dir={out / 'cache'}", f"hydra.run.dir={out / 'job'}", "measure_rounds=3"]
     if cuda:  # CUDA only
         return common + [
-            "device=gpu_b256", "latency.batch=64", "latency.step=64", "latency.refine_budget=0.05",
+            "device=gpu_b256", "latency.batch=64", "latency.step=128", "latency.refine_budget=0.05",
             "trainer.device=cuda", "trainer.amp=fp16", "trainer.channels_last=true",
             "data.synthetic_shape=[3,224,224]", "data.synthetic_samples=2048", "data.workers=4",
             "dense.batch_size=128", "finetune.batch_size=128", "dense.eval_batch_size=128",
