@@ -52,6 +52,9 @@ class TaylorPruner(Pruner):
     def accumulate(self) -> None:
         self.saliency.accumulate()
 
+    def ready(self) -> bool:
+        return self.saliency.ready
+
     def update_ema(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fold one interval's mean scores into the moving average and return it."""
         m = self.tcfg.momentum

@@ -240,6 +240,10 @@ def _run(cfg: JobConfig, run_dir: Path, de: distributed.DistEnv, guard: Preempti
                 report(entry)
             trainer.save()  # a restart must not search again
         st = trainer.fit()
+        if not pruner.done:  # e.g. fp16: overflowed iterations put the schedule off past training's end
+            log.warning(f"the pruning schedule did not finish: {pruner.step} of {pruner.steps_total} steps "
+                        f"({pruner.delay} iteration(s) put off for want of finite gradients); the model is "
+                        f"over its final target. Give fine-tuning more iterations or prune less often.")
         masks = pruner.masks
     else:
         masks = ChannelMasks.full(graph)

@@ -113,6 +113,11 @@ class Saliency:
         self.count += 1
         return True
 
+    @property
+    def ready(self) -> bool:
+        """Scores exist: a criterion without gradients, or one finite iteration since the last reset."""
+        return not self.kind.needs_gradients or self.count > 0
+
     def scores(self) -> dict[str, torch.Tensor]:
         """Mean score per channel since the last reset (filter norms for ``l1``/``l2``)."""
         if not self.kind.needs_gradients:

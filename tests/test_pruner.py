@@ -129,3 +129,40 @@ def test_killed_mid_pruning_resumes_to_identical_masks(tmp_path):
     assert [e.widths for e in resumed.log] == [e.widths for e in ref.log]
     for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_a_due_step_waits_for_finite_gradients_and_the_schedule_moves_with_it():
+    """fp16 on CUDA: the trainer skips saliency on iterations whose gradients overflowed. A step
+    due with nothing accumulated waits for the next finite iteration (it used to raise), and the
+    later steps keep their spacing, so none is lost, even past the schedule's nominal end."""
+    _, p = setup(PruneConfig(target=0.5, steps=3, chunk=4, start=0, interval=2))
+    g = torch.Generator().manual_seed(0)
+
+    def finite_iteration():  # what after_backward adds on an iteration with finite gradients
+        for v in p.saliency.sums.values():
+            v += torch.rand(v.shape, generator=g, dtype=torch.float64)
+        p.saliency.count += 1
+
+    overflow = {0, 1, 2, 4, 5}
+    for it in range(12):
+        if it not in overflow and p.active:
+            finite_iteration()
+        p.after_step()
+    # due at 1 -> nothing yet, waits: 2 overflows too, 3 is finite -> step 1 at 3 (delay 2);
+    # next due at 5 -> 4 and 5 overflowed -> waits, 6 is finite -> step 2 at 6 (delay 3);
+    # next due at 8 (past the nominal end, 6) -> step 3 at 8; then the pruner is done
+    assert [e.iteration for e in p.log] == [3, 6, 8]
+    assert p.delay == 3 and p.done
+    assert p.predicted_ms() <= p.final_target_ms + 1e-9
+    state = p.state_dict()
+    _, q = setup(PruneConfig(target=0.5, steps=3, chunk=4, start=0, interval=2))
+    q.load_state_dict(state)
+    assert q.delay == 3
+
+
+def test_without_gradients_a_step_is_never_put_off():
+    _, p = setup(PruneConfig(target=0.5, steps=2, chunk=4, start=0, interval=2),
+                 method_cfg=HalpConfig(saliency="l1"))
+    for _ in range(4):
+        p.after_step()
+    assert [e.iteration for e in p.log] == [1, 3] and p.delay == 0

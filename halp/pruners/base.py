@@ -171,6 +171,9 @@ class Pruner:
         self.step = 0
         self.steps_total = config.steps
         self.finished = False  # a method may finish before its last step (budget met)
+        # iterations the schedule was put off: a due step waits while its criterion has nothing to
+        # go on (fp16: every iteration since the last step overflowed), and the later steps move with it
+        self.delay = 0
         self.dense_ms = cost.total_ms(graph.full_widths())
         self.log: list[StepLog] = []
         # measured feedback (halp.latency.feedback.Feedback), set by the driver when this machine is
@@ -209,7 +212,7 @@ class Pruner:
 
     @property
     def active(self) -> bool:
-        return not self.done and self.cfg.start <= self.iteration < self.cfg.end
+        return not self.done and self.cfg.start <= self.iteration < self.cfg.end + self.delay
 
     def widths(self) -> dict[str, int]:
         return self.masks.widths()
@@ -228,6 +231,10 @@ class Pruner:
     def accumulate(self) -> None:
         """Called after every backward pass while pruning is active (gradient criteria)."""
 
+    def ready(self) -> bool:
+        """Whether a due step can be taken now (gradient criteria: see :attr:`Saliency.ready`)."""
+        return True
+
     def after_backward(self) -> None:
         if self.active:
             self.accumulate()
@@ -235,8 +242,11 @@ class Pruner:
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> StepLog | None:
         """Count the iteration, prune if due, and keep pruned channels at zero."""
         entry = None
-        if self.active and (self.iteration + 1 - self.cfg.start) % self.cfg.interval == 0:
-            entry = self.prune_step()
+        if self.active and (self.iteration + 1 - self.cfg.start - self.delay) % self.cfg.interval == 0:
+            if self.ready():
+                entry = self.prune_step()
+            else:
+                self.delay += 1
         self.iteration += 1
         self.applier.apply()
         if optimizer is not None:
@@ -378,7 +388,7 @@ class Pruner:
 
     def state_dict(self) -> dict:
         return {"method": self.method, "iteration": self.iteration, "step": self.step,
-                "finished": self.finished, "masks": {k: v.clone() for k, v in self.masks.items()},
+                "finished": self.finished, "delay": self.delay, "masks": {k: v.clone() for k, v in self.masks.items()},
                 "log": [asdict(e) for e in self.log], "config": self.config_state(),
                 "chunks": dict(self.chunks), "dense_ms": self.dense_ms, "extra": self.extra_state(),
                 "observed": [dict(o) for o in self.observed]}
@@ -389,6 +399,7 @@ class Pruner:
         self.iteration = int(state["iteration"])
         self.step = int(state["step"])
         self.finished = bool(state.get("finished", False))
+        self.delay = int(state.get("delay", 0))
         self.set_masks(state["masks"])
         self.log = [StepLog(**e) for e in state["log"]]
         self.chunks = dict(state["chunks"])

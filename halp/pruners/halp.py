@@ -85,6 +85,9 @@ class HalpPruner(Pruner):
     def accumulate(self) -> None:
         self.saliency.accumulate()
 
+    def ready(self) -> bool:
+        return self.saliency.ready
+
     # ------------------------------------------------------------------ one step
     def _items(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], widths: dict[str, int]
                ) -> tuple[list[GroupItems], dict[str, list[torch.Tensor]], float]:
