@@ -7,8 +7,9 @@
 #   1. the environment (GPU, driver, versions);
 #   2. python -m experiments.selfcheck (ResNet-50 at 224x224, CUDA, fp16 AMP, CUDA-event table, ...);
 #   3. halp lut validate on the table the self-check built (the CUDA timing protocol end to end);
-#   4. NCCL with one rank: DDP with device_ids and the job's broadcast helpers on CUDA tensors
-#      (a single GPU cannot hold two NCCL ranks, so this is as far as one GPU goes).
+#   4. NCCL with one rank: DDP with device_ids and an all_reduce on CUDA tensors (a single GPU
+#      cannot hold two NCCL ranks, so this is as far as one GPU goes);
+#   5. the self-check's job again with measured feedback on (latency.feedback=true).
 set -u
 out=${1:?usage: gpu_selfcheck.sh OUTDIR}
 mkdir -p "$out"
@@ -42,8 +43,8 @@ if [ -n "$table" ]; then
     -k 8 --json "$out/validate.json" 2>&1 | tee -a "$out/validate.txt"
 fi
 
-echo "== nccl, one rank" | tee "$out/nccl.txt"
-timeout 90 $py - <<'EOF' 2>&1 | tee -a "$out/nccl.txt"
+echo "== nccl, one rank" | tee -a "$out/env.txt"
+timeout 90 $py - <<'EOF' 2>&1 | tee -a "$out/env.txt"
 import os
 import torch
 import torch.distributed as dist
@@ -62,5 +63,22 @@ print("backend", dist.get_backend(), "| DDP device_ids", net.device_ids, "| all_
       "| grad on", next(net.parameters()).grad.device)
 dist.destroy_process_group()
 print("nccl one-rank check PASSED")
+EOF
+echo "== the self-check's job again with measured feedback (latency.feedback=true), reusing its table"
+timeout "${FEEDBACK_TIMEOUT:-180}" $py - "$work" "$out" <<'EOF' 2>&1 | tail -n 25
+import json, sys
+from pathlib import Path
+import torch
+from experiments.selfcheck import overrides, run_job_process
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+args = [a for a in overrides(torch.cuda.is_available(), work) if not a.startswith("hydra.run.dir=")]
+rc, sec = run_job_process(args + ["latency.feedback=true", f"hydra.run.dir={work / 'job_fb'}"], 1, out / "feedback.log")
+print(f"exit {rc} after {sec:.0f} s")
+rec = work / "job_fb" / "result.json"
+if rec.exists():
+    (out / "feedback.result.json").write_text(rec.read_text())
+    r = json.loads(rec.read_text())
+    print(f"dense {r['dense']['latency_ms']:.3f} ms, slim {r['pruned']['latency_ms']:.3f} ms, "
+          f"slim/target {r['latency_vs_target']:.3f}; trials {r['prune_log'][-1].get('feedback_trials')}")
 EOF
 ls -la "$out"
