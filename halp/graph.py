@@ -159,8 +159,9 @@ class ChannelGraph:
         was_training = model.training
         model.eval()
         try:
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            example = torch.randn(1, *input_shape, device=device)  # trace where the model lives
+            first = next(model.parameters(), None)  # trace where the model lives, in its precision
+            example = torch.randn(1, *input_shape) if first is None else \
+                torch.randn(1, *input_shape, device=first.device, dtype=first.dtype)
             shapes = _trace_shapes(model, example)
             try:
                 with torch.enable_grad():

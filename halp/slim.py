@@ -29,8 +29,9 @@ def _branch_constants(model: nn.Module, blocks: list[str], input_shape: tuple[in
         def hook(_m: nn.Module, _i: tuple, out: torch.Tensor, name: str = name) -> None:
             seen[name] = out.detach().clone()  # the block may add to it in place
         hooks.append(end.register_forward_hook(hook))
-    try:
-        model(torch.randn(2, *input_shape))
+    p = next(model.parameters())
+    try:  # on the model's device and in its dtype (a pruner may slim a model that trains on a GPU)
+        model(torch.randn(2, *input_shape, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()

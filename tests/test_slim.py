@@ -173,6 +173,19 @@ def test_vanished_branch_is_identity_plus_constant():
     torch.testing.assert_close(block(x), torch.relu(x + expected.view(1, -1, 1, 1)).detach())
 
 
+def test_a_vanished_branch_is_read_where_the_model_lives():
+    """The measured-feedback loop slims the model while it trains, on a GPU; the probe that reads a
+    vanished branch's constant must follow the model's device and dtype (float64 stands in for
+    CUDA here: a CPU float32 probe fails on either, as it did on an H200)."""
+    graph = build("halp:resnet20", (1, 28, 28))
+    graph.model.double()
+    keep = {gid: torch.ones(g.width, dtype=torch.bool) for gid, g in graph.groups.items()}
+    keep["layer1.1.conv1"][:] = False
+    slim = slim_model(graph, ChannelMasks(keep))
+    assert isinstance(slim.layer1[1], ConstantResidual)
+    assert slim.layer1[1].constant.dtype == torch.float64
+
+
 def test_empty_non_branch_group_is_rejected():
     graph = build("halp:resnet20", (1, 28, 28))
     keep = {gid: torch.ones(g.width, dtype=torch.bool) for gid, g in graph.groups.items()}
