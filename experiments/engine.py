@@ -121,10 +121,12 @@ class TrainState:
 
     def throughput(self) -> dict:
         """Images/s per rank (training, evaluation), the fraction of training time spent waiting
-        for data, and peak memory."""
-        return {"train_images_per_s": self.images / self.train_seconds if self.train_seconds else None,
+        for data, and peak memory. Training time leaves out the pruning steps (``prune_seconds``):
+        on a GPU an exact knapsack step can outlast many iterations and would hide the loader's rate."""
+        busy = self.train_seconds - self.prune_seconds
+        return {"train_images_per_s": self.images / busy if busy > 0 else None,
                 "eval_images_per_s": self.eval_images / self.eval_seconds if self.eval_seconds else None,
-                "data_wait_fraction": self.data_wait_seconds / self.train_seconds if self.train_seconds else None,
+                "data_wait_fraction": self.data_wait_seconds / busy if busy > 0 else None,
                 "peak_memory_mb": self.peak_memory_mb, "skipped_steps": self.skipped_steps}
 
 

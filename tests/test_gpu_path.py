@@ -120,3 +120,16 @@ def test_runtime_settings_keep_old_dense_caches_valid(tmp_path):
     assert dense_path(compose("data.workers=2", "trainer.device=cpu"), tmp_path).name == "halp_resnet20-9aa3f2b27918.pt"
     assert dense_path(compose("trainer.amp=bf16"), tmp_path) != dense_path(compose(), tmp_path)
     assert dense_path(compose("trainer.channels_last=true"), tmp_path) != dense_path(compose(), tmp_path)
+
+
+def test_training_throughput_leaves_out_the_pruning_steps():
+    """Hand-computed: 300 images in 4 s of training of which 1 s was pruning steps and 0.6 s
+    waiting for data -> 100 images/s and a 20 % data wait (not 75 images/s and 15 %)."""
+    from experiments.engine import TrainState
+    st = TrainState(images=300, train_seconds=4.0, prune_seconds=1.0, data_wait_seconds=0.6,
+                    eval_images=50, eval_seconds=0.5)
+    tp = st.throughput()
+    assert tp["train_images_per_s"] == pytest.approx(100.0)
+    assert tp["data_wait_fraction"] == pytest.approx(0.2)
+    assert tp["eval_images_per_s"] == pytest.approx(100.0)
+    assert TrainState().throughput()["train_images_per_s"] is None
