@@ -210,7 +210,7 @@ def _load_or_build(cfg: JobConfig, graph: ChannelGraph, cache: Path, skip_anchor
             t0 = time.perf_counter()
             plan = plan_build(graph, cfg.model.name, setting, cfg.latency.step, refine=cfg.latency.refinement())
             protocol = Protocol(rounds=cfg.latency.rounds)
-            log.info(describe_plan(plan, estimate_build(plan, protocol)))
+            log.info(describe_plan(plan, estimate_build(plan, protocol), cfg.latency.time_limit_s))
             table = build_table(plan, path, protocol, progress=cfg.progress, time_limit_s=cfg.latency.time_limit_s)
             pts = table.meta["points"]
             log.info(f"latency table built in {table.meta['wall_s']:.0f} s: {pts['measured']} points measured, "

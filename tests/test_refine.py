@@ -151,7 +151,7 @@ def test_time_limit_during_refinement_interpolates_the_rest(wide, fake, tmp_path
         clock["points"] += len(runners) // 2  # fused units are timed twice
         return real(backend, runners, protocol, tick)
     monkeypatch.setattr(build_mod, "measure", slow_measure)
-    monkeypatch.setattr(build_mod.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(build_mod, "_clock", lambda: clock["t"])
     table = build_table(plan, tmp_path / "t.json", Protocol(rounds=1), progress=False, time_limit_s=150)
     pts = table.meta["points"]
     assert pts["stopped"] == "time limit" and pts["unchecked"] > 0

@@ -170,7 +170,7 @@ def run_build(args: argparse.Namespace) -> int:
     print(f"{args.model} {shape} batch {setting.batch}, {setting.threads} thread(s), {setting.backend}, "
           f"{setting.memory_format}{'' if setting.dtype == 'float32' else ', ' + setting.dtype}"
           f"{f' (shard {args.shard})' if args.shard else ''} -> {out}")
-    print(describe_plan(plan, estimate_build(plan, protocol)), flush=True)
+    print(describe_plan(plan, estimate_build(plan, protocol), args.time_limit), flush=True)
     t0 = time.perf_counter()
     table = build_table(plan, out, protocol, resume=not args.no_resume, progress=not args.quiet,
                         time_limit_s=args.time_limit)

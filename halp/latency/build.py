@@ -8,9 +8,11 @@ written atomically; the partial file is removed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import time
@@ -22,7 +24,7 @@ import torch
 from ..graph import ChannelGraph
 from ..progress import progress_bar
 from .backends import Backend, Setting, get_backend
-from .calibration import calibrate
+from .calibration import ANCHOR_PROTOCOL, calibrate
 from .table import Entry, LatencyTable
 from .refine import Refinement, Refiner
 from .timing import Protocol, measure, protocol_for
@@ -100,8 +102,9 @@ def plan_build(graph: ChannelGraph, model_name: str, setting: Setting, step: int
     return BuildPlan(graph, model_name, setting, steps, units, pts, shard, refine or Refinement())
 
 
-def describe_plan(plan: BuildPlan, estimate: "Estimate | None" = None) -> str:
-    """A few lines for the log: points, the estimated time and what dominates it."""
+def describe_plan(plan: BuildPlan, estimate: "Estimate | None" = None, time_limit_s: float | None = None) -> str:
+    """A few lines for the log: points, the estimated time, what dominates it, and whether the
+    build's time limit is likely to cut it short."""
     n_units = len({k for k, _, _ in plan.points})
     lines = [f"latency table plan: {len(plan.points)} reachable points over {n_units} units; "
              + (f"coarse-then-refine measures at most {plan.announced} of them"
@@ -110,6 +113,9 @@ def describe_plan(plan: BuildPlan, estimate: "Estimate | None" = None) -> str:
         t = estimate.seconds
         lines.append(f"  estimated {f'{t / 60:.1f} min' if t >= 90 else f'{t:.0f} s'} ({estimate.samples} samples); "
                      "most of it: " + ", ".join(f"{k} {100 * s:.0f} %" for k, s in estimate.top))
+        if time_limit_s is not None and t > time_limit_s:
+            lines.append(f"  that is past the build's time limit ({time_limit_s:.0f} s): refinement will stop there and "
+                         "interpolate the rest (raise the limit to measure more)")
     return "\n".join(lines)
 
 
@@ -121,31 +127,77 @@ class Estimate:
 
 
 def estimate_build(plan: BuildPlan, protocol: Protocol, backend: Backend | None = None) -> Estimate:
-    """Time each unit once at its largest point and scale by MACs: a rough (±50 %) forecast of
-    the build's wall time, enough to say what dominates it. Takes about a second per unit."""
+    """Forecast the build's wall time by running it in miniature: per unit, its smallest and its
+    largest reachable point go through the build's own path (module construction, warm-up, calls
+    per sample, re-measuring of noisy points), the unit's other points are interpolated linearly
+    in ``c_in * c_out`` between the two, and the anchors' end-to-end timing is added from one
+    timed forward of the dense model. Takes a few seconds per unit; noise on a busy host makes it
+    a forecast, not a bound (the build's sample count is the bound)."""
     by_unit = plan.by_unit()
     share = plan.announced / max(len(plan.points), 1)  # refinement measures this fraction (at most)
-    specs = plan.specs
-    cost: dict[str, float] = {}
     backend = backend or get_backend(plan.setting)
+    protocol, pool = _with_pool(plan, protocol_for(backend, protocol))
+    cost: dict[str, float] = {}
     with backend:
         for key, pts in by_unit.items():
-            ci, co = max(pts, key=lambda p: p[0] * p[1])
-            x = specs[key].example_input(plan.setting.batch, ci)
-            run = backend.prepare(specs[key].build(ci, co, fused=True), x, None)
-            run()
-            t_max = min(backend.time_ms(run, 1) for _ in range(3))
-            size = ci * co
-            total = 0.0
-            for pci, pco in pts:
-                t = max(t_max * pci * pco / size, 0.005)
-                per_sample = max(protocol.sample_ms, t) + protocol.warm_calls * t
-                # fused units are timed twice (the unit, and its conv alone)
-                total += (2 if specs[key].fused else 1) * (protocol.rounds * per_sample + 3 * t + 2.0)
-            cost[key] = total * share / 1000
-    total = sum(cost.values()) or 1.0
+            macs = sorted({ci * co: (ci, co) for ci, co in pts}.items())
+            ends = [macs[0], macs[-1]] if len(macs) > 1 else macs[:1]
+            trial = []  # (c_in * c_out, per-call ms of each runner, seconds besides those calls)
+            for m, (ci, co) in ends:
+                t0 = _clock()
+                runners, _ = _prepare_points(backend, plan, [(key, ci, co)], pool)
+                ms = [t.ms for t in measure(backend, runners, protocol)]
+                trial.append((m, ms, _clock() - t0 - sum(_protocol_ms(protocol, t) for t in ms) / 1000))
+            (m0, ms0, o0), (m1, ms1, o1) = trial[0], trial[-1]
+
+            def at(m: int, a: float, b: float) -> float:  # linear in c_in * c_out between the trials
+                return max(a + (b - a) * (m - m0) / (m1 - m0), 0.0) if m1 > m0 else a
+
+            cost[key] = share * sum(at(ci * co, o0, o1) + sum(_protocol_ms(protocol, at(ci * co, a, b))
+                                                              for a, b in zip(ms0, ms1)) / 1000
+                                    for ci, co in pts)
+        x = torch.randn(plan.setting.batch, *plan.graph.input_shape)
+        dense = backend.prepare(copy.deepcopy(plan.graph.model).eval(), x)
+        dense()
+        t_dense = min(backend.time_ms(dense, 1) for _ in range(2))
+    # the three anchors (dense, about half, smallest) under the anchor protocol
+    anchor_protocol = protocol_for(backend, ANCHOR_PROTOCOL)
+    anchors_s = sum(_protocol_ms(anchor_protocol, t) for t in (t_dense, t_dense / 2, t_dense / 8)) / 1000
+    total = sum(cost.values()) + anchors_s or 1.0
     top = sorted(((k, v / total) for k, v in cost.items()), key=lambda kv: -kv[1])[:3]
     return Estimate(total, plan.announced * protocol.rounds, top)
+
+
+def _protocol_ms(protocol: Protocol, t: float) -> float:
+    """Device time :func:`~.timing.measure` spends on a workload of ``t`` ms, re-measuring aside."""
+    calls = 1 if protocol.max_calls == 1 else max(1, min(protocol.max_calls, math.ceil(protocol.sample_ms / max(t, 1e-6))))
+    return t * (protocol.warmup + (0 if protocol.max_calls == 1 else 1) + protocol.rounds * (calls + protocol.warm_calls))
+
+
+def _with_pool(plan: BuildPlan, protocol: Protocol) -> tuple[Protocol, torch.Tensor | None]:
+    """The protocol with its weight pool sized (by default the model's parameters, at most
+    ``MAX_POOL_MB``, so each unit sees the cache pressure of the whole network), and the pool."""
+    if protocol.weight_pool_mb is None:
+        mb = sum(p.numel() * p.element_size() for p in plan.graph.model.parameters()) / 2**20
+        protocol = dataclasses.replace(protocol, weight_pool_mb=round(min(mb, MAX_POOL_MB), 1))
+    pool = torch.randn(int(protocol.weight_pool_mb * 2**20 / 4)) if protocol.weight_pool_mb else None
+    return protocol, pool
+
+
+def _prepare_points(backend: Backend, plan: BuildPlan, points: list[tuple[str, int, int]],
+                    pool: torch.Tensor | None) -> tuple[list, list[tuple[int, int]]]:
+    """Runners for ``points`` and, per point, (index of the unit's runner, index of its conv's)."""
+    runners, slots = [], []
+    for key, ci, co in points:
+        spec = plan.specs[key]
+        x = spec.example_input(plan.setting.batch, ci)
+        runners.append(backend.prepare(spec.build(ci, co, fused=True), x, pool))
+        fused_i = conv_i = len(runners) - 1
+        if spec.fused:  # also the conv alone: the reference method's cost
+            runners.append(backend.prepare(spec.build(ci, co, fused=False), x, pool))
+            conv_i = len(runners) - 1
+        slots.append((fused_i, conv_i))
+    return runners, slots
 
 
 def _signature(plan: BuildPlan, backend: Backend, protocol: Protocol) -> dict:
@@ -193,6 +245,7 @@ def _append(path: Path, lines: list[dict]) -> None:
 
 MAX_POOL_MB = 128.0
 TIME_LIMIT_S = 3600.0
+_clock = time.perf_counter  # the build's wall clock (tests substitute a device-time clock)
 
 
 class BuildTimeLimit(ValueError):
@@ -215,13 +268,10 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
     ``MAX_POOL_MB``), so each unit sees the cache pressure of the whole network."""
     backend = get_backend(plan.setting)
     protocol = protocol_for(backend, protocol or Protocol())  # CUDA: the paper's events protocol, recorded as such
-    if protocol.weight_pool_mb is None:
-        mb = sum(p.numel() * p.element_size() for p in plan.graph.model.parameters()) / 2**20
-        protocol = dataclasses.replace(protocol, weight_pool_mb=round(min(mb, MAX_POOL_MB), 1))
-    pool = torch.randn(int(protocol.weight_pool_mb * 2**20 / 4)) if protocol.weight_pool_mb else None
+    protocol, pool = _with_pool(plan, protocol)
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    t_start = time.perf_counter()
+    t_start = _clock()
     deadline = None if time_limit_s is None else t_start + time_limit_s
     refiner = plan.refiner()
     specs = plan.specs
@@ -249,19 +299,10 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
             todo = [p for p in points if p not in done]
             bar.update(protocol.rounds * (len(points) - len(todo)))
             for start in range(0, len(todo), chunk):
-                if deadline is not None and time.perf_counter() > deadline:
+                if deadline is not None and _clock() > deadline:
                     return False
                 part = todo[start:start + chunk]
-                runners, slots = [], []  # slots[k] = (runner of the unit, runner of its conv alone)
-                for key, ci, co in part:
-                    spec = specs[key]
-                    x = spec.example_input(plan.setting.batch, ci)
-                    runners.append(backend.prepare(spec.build(ci, co, fused=True), x, pool))
-                    fused_i = conv_i = len(runners) - 1
-                    if spec.fused:  # also the conv alone: the reference method's cost
-                        runners.append(backend.prepare(spec.build(ci, co, fused=False), x, pool))
-                        conv_i = len(runners) - 1
-                    slots.append((fused_i, conv_i))
+                runners, slots = _prepare_points(backend, plan, part, pool)
                 timings = measure(backend, runners, protocol, tick=lambda n: tick(n * len(part) / len(runners)))
                 rows = []
                 for pt, (fi, cj) in zip(part, slots):
@@ -311,7 +352,7 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
               "protocol": protocol.to_dict(), "refine": plan.refine.to_dict(), "host": platform.node(),
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "shard": {"index": plan.shard[0], "count": plan.shard[1]} if plan.shard else None,
-              "wall_s": round(time.perf_counter() - t_start, 1),
+              "wall_s": round(_clock() - t_start, 1),
               "points": {"reachable": len(plan.points), "announced": refiner.budget, "measured": len(done),
                          "interpolated": len(plan.points) - n_measured, "unchecked": refiner.unchecked,
                          "stopped": stopped},
