@@ -416,3 +416,17 @@ def test_weight_views_start_64_byte_aligned_like_real_weights():
         assert views[-1].data_ptr() + 4 * w.numel() <= pool.data_ptr() + 4 * pool.numel()
     big = torch.empty(20_000)  # larger than the pool: its own weights
     assert _weight_views(pool, big, channels_last=False)[0].data_ptr() == big.data_ptr()
+
+
+def test_a_tiny_weight_gets_a_bounded_number_of_views_spread_over_the_pool():
+    from halp.latency.backends import MAX_VIEWS, _weight_views
+    pool = torch.randn(2**21)[5:]  # 8 MB, off the 64-byte grid
+    w = torch.empty(8, 6, 1, 1)  # 192 bytes: one view per 64 bytes would be ~130,000 views
+    views = _weight_views(pool, w, channels_last=False)
+    ptrs = [v.data_ptr() for v in views]
+    assert MAX_VIEWS // 2 <= len(views) <= MAX_VIEWS + 1
+    assert all(p % 64 == 0 for p in ptrs) and len(set(ptrs)) == len(ptrs)
+    gaps = {b - a for a, b in zip(ptrs, ptrs[1:])}
+    assert len(gaps) == 1 and gaps.pop() >= 4 * (pool.numel() // (MAX_VIEWS + 1)) - 64  # evenly spaced
+    assert ptrs[-1] + 4 * w.numel() <= pool.data_ptr() + 4 * pool.numel()
+    assert ptrs[-1] - ptrs[0] >= 0.99 * 4 * (pool.numel() - w.numel() - 16)  # spans the whole pool

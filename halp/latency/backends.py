@@ -173,15 +173,22 @@ class Backend:
 
 
 ALIGN_BYTES = 64  # PyTorch's CPU allocator aligns every tensor to 64 bytes; so must our weight views
+MAX_VIEWS = 4096  # tiny weights: this many views spread over the pool, not one per 64 bytes
 
 
 def _weight_views(pool: torch.Tensor, weight: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
     """Views of ``pool`` shaped like ``weight``, each starting 64-byte aligned as a real weight
-    would (a depthwise weight 16 bytes off the 64-byte grid measured up to 1.5x slower)."""
+    would (a depthwise weight 16 bytes off the 64-byte grid measured up to 1.5x slower).
+
+    At most ``MAX_VIEWS``, spaced evenly over the pool: a weight of a few hundred bytes would
+    otherwise get one view per 64 bytes of the pool (over 100,000 for a 9 MB pool), and creating
+    them took up to a second per table point, more than timing it. Consecutive calls still read
+    far-apart memory; views repeat only after ``MAX_VIEWS`` calls."""
     n = weight.numel()
     per = ALIGN_BYTES // pool.element_size()
-    stride = -(-n // per) * per
     skip = (-(pool.data_ptr() % ALIGN_BYTES) // pool.element_size()) % per  # the pool's first aligned element
+    stride = -(-n // per) * per
+    stride = max(stride, -(-(pool.numel() - skip - n) // (MAX_VIEWS * per)) * per)
     count = (pool.numel() - skip - n) // stride + 1 if n + skip <= pool.numel() else 0
     views = [pool[skip + i * stride: skip + i * stride + n].view(weight.shape) for i in range(count)] if count \
         else [weight.detach()]

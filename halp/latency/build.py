@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..graph import ChannelGraph
@@ -127,10 +128,10 @@ class Estimate:
 
 
 def estimate_build(plan: BuildPlan, protocol: Protocol, backend: Backend | None = None) -> Estimate:
-    """Forecast the build's wall time by running it in miniature: per unit, its smallest and its
-    largest reachable point go through the build's own path (module construction, warm-up, calls
-    per sample, re-measuring of noisy points), the unit's other points are interpolated linearly
-    in ``c_in * c_out`` between the two, and the anchors' end-to-end timing is added from one
+    """Forecast the build's wall time by running it in miniature: per unit, its smallest, middle
+    and largest reachable points (by ``c_in * c_out``) go through the build's own path (module
+    construction, warm-up, calls per sample, re-measuring of noisy points), the unit's other points
+    are interpolated piecewise linearly in ``c_in * c_out`` between them, and the anchors' end-to-end timing is added from one
     timed forward of the dense model. Takes a few seconds per unit; noise on a busy host makes it
     a forecast, not a bound (the build's sample count is the bound)."""
     by_unit = plan.by_unit()
@@ -141,20 +142,21 @@ def estimate_build(plan: BuildPlan, protocol: Protocol, backend: Backend | None 
     with backend:
         for key, pts in by_unit.items():
             macs = sorted({ci * co: (ci, co) for ci, co in pts}.items())
-            ends = [macs[0], macs[-1]] if len(macs) > 1 else macs[:1]
             trial = []  # (c_in * c_out, per-call ms of each runner, seconds besides those calls)
-            for m, (ci, co) in ends:
+            for m, (ci, co) in sorted({i: macs[i] for i in (0, len(macs) // 2, len(macs) - 1)}.values()):
                 t0 = _clock()
                 runners, _ = _prepare_points(backend, plan, [(key, ci, co)], pool)
                 ms = [t.ms for t in measure(backend, runners, protocol)]
                 trial.append((m, ms, _clock() - t0 - sum(_protocol_ms(protocol, t) for t in ms) / 1000))
-            (m0, ms0, o0), (m1, ms1, o1) = trial[0], trial[-1]
+            xs = [t[0] for t in trial]
 
-            def at(m: int, a: float, b: float) -> float:  # linear in c_in * c_out between the trials
-                return max(a + (b - a) * (m - m0) / (m1 - m0), 0.0) if m1 > m0 else a
+            def at(m: int, ys: list[float]) -> float:  # piecewise linear in c_in * c_out through the trials
+                return float(np.interp(m, xs, ys))
 
-            cost[key] = share * sum(at(ci * co, o0, o1) + sum(_protocol_ms(protocol, at(ci * co, a, b))
-                                                              for a, b in zip(ms0, ms1)) / 1000
+            per_runner = list(zip(*(t[1] for t in trial)))
+            overhead = [t[2] for t in trial]
+            cost[key] = share * sum(max(at(ci * co, overhead), 0.0) + sum(_protocol_ms(protocol, at(ci * co, list(ys)))
+                                                                          for ys in per_runner) / 1000
                                     for ci, co in pts)
         x = torch.randn(plan.setting.batch, *plan.graph.input_shape)
         dense = backend.prepare(copy.deepcopy(plan.graph.model).eval(), x)
