@@ -69,7 +69,7 @@ class LatencyConfig(Setting):
     # machine is the deployment device; off here = the paper's open loop (the device presets set it)
     feedback: bool = False
     feedback_tolerance: float = 0.02
-    feedback_rounds: int = 4
+    feedback_rounds: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -159,6 +159,40 @@ def test_a_table_that_overprices_is_corrected_upwards(target):
     assert closed.log[-1].predicted_ms == pytest.approx(closed.log[-1].measured_ms)
 
 
+class ScriptedFeedback(Feedback):
+    """Feedback that reads the measured ratio ÷ target from a script, one per timing, and keeps
+    the widths it was asked about."""
+
+    def __init__(self, target, script, **kw):
+        super().__init__(Setting(), **kw)
+        self.target, self.script, self.seen = target, list(script), []
+
+    def ratio(self, graph, widths):
+        self.seen.append(dict(widths))
+        return self.target * self.script[len(self.seen) - 1]
+
+
+def test_the_network_kept_is_the_one_that_spends_the_measured_budget(setup):
+    """Neither timing lands in the window: the first measures 0.95 of the target, the second (a
+    pricier, more valuable network) 0.80. The step keeps the first, closest under the target,
+    not the more valuable one that leaves a fifth of the budget unused; and the cost model then
+    prices it at what was measured."""
+    graph, table, calibration, _ = setup
+    fb = ScriptedFeedback(0.4, [0.95, 0.80], tolerance=0.02, max_rounds=2)
+    pruner = prune(graph, CostModel.create(graph, table, calibration=calibration), 0.4, fb, steps=1)
+    last = pruner.log[-1]
+    assert len(fb.seen) == 2 and fb.seen[0] != fb.seen[1]
+    assert [t["measured_ms"] / last.target_ms for t in last.feedback_trials] == pytest.approx([0.95, 0.80])
+    assert pruner.widths() == fb.seen[0]
+    assert last.measured_ms == pytest.approx(0.95 * last.target_ms)
+    assert last.predicted_ms == pytest.approx(last.measured_ms)
+    # and inside the window, value decides: a third timing at 0.99 is kept over both
+    fb = ScriptedFeedback(0.4, [0.95, 0.80, 0.99], tolerance=0.02, max_rounds=3)
+    pruner = prune(graph, CostModel.create(graph, table, calibration=calibration), 0.4, fb, steps=1)
+    assert len(fb.seen) == 3 and pruner.widths() == fb.seen[2]
+    assert pruner.log[-1].measured_ms == pytest.approx(0.99 * pruner.log[-1].target_ms)
+
+
 def test_observations_are_part_of_the_checkpoint(setup):
     graph, table, calibration, truth = setup
     pruner = prune(graph, CostModel.create(graph, table, calibration=calibration), 0.5,

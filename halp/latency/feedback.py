@@ -41,7 +41,7 @@ class Feedback:
 
     setting: Setting
     tolerance: float = 0.02
-    max_rounds: int = 4
+    max_rounds: int = 8
     repeats: int = 3
     protocol: Protocol = FEEDBACK_PROTOCOL
 

@@ -22,7 +22,8 @@ removes nothing and stays over its target). Pruned channels never return.
 With measured feedback (``pruner.feedback``, :mod:`halp.latency.feedback`), the last step times the
 network it chose against the dense one, feeds that into the cost model and re-solves under the
 corrected prices until the measured latency is within the feedback's tolerance below the target
-(at most ``max_rounds`` measurements); the best measured choice within the target is kept.
+(at most ``max_rounds`` measurements); the most valuable measured choice inside that window is
+kept, else the one measured closest under the target.
 Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
@@ -138,8 +139,9 @@ class HalpPruner(Pruner):
     def _close_loop(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
                     chosen: Attempt) -> tuple[Attempt, float, list[dict[str, float]]]:
         """Measure ``chosen``, then choose again at prices aimed by the measurements so far, until
-        a measurement lands in the accepted window. Returns the most valuable measured choice within ``target`` (else
-        the fastest measured), its measurement, and every trial (the table's price, the measured
+        a measurement lands in the accepted window. Returns the most valuable measured choice inside
+        the window (else the one measured closest under ``target``, else the fastest measured), its
+        measurement, and every trial (the table's price, the measured
         latency). The cost model is then made to pass through every measurement, the returned one
         last, so its prediction is what was measured."""
         fb = self.feedback
@@ -178,8 +180,17 @@ class HalpPruner(Pruner):
             if again is None:  # no other network between what was timed
                 break
             chosen = again
+        # the budget is spent first: the most valuable network measured inside the window; else
+        # the one measured closest under the target (a more valuable one further under leaves the
+        # budget unused, the miss this loop exists to close); else the fastest measured
+        accepted = [t for t in tried if fb.accepts(t[1], target)]
         fitting = [t for t in tried if t[1] <= target * (1 + 1e-9)]
-        best, ms = max(fitting, key=lambda t: (t[0].value, t[1])) if fitting else min(tried, key=lambda t: t[1])
+        if accepted:
+            best, ms = max(accepted, key=lambda t: (t[0].value, t[1]))
+        elif fitting:
+            best, ms = max(fitting, key=lambda t: (t[1], t[0].value))
+        else:
+            best, ms = min(tried, key=lambda t: t[1])
         for a, m in [t for t in tried if t[0] is not best] + [(best, ms)]:
             try:
                 self.observe(a.widths, m)

@@ -11,7 +11,8 @@ keep every group's kept chunks a prefix of its importance order:
 - :func:`exchange` swaps one kept chunk for one removed chunk of another group: first while the
   kept importance rises (a strictly better answer within the limit), then, if the total is still
   below ``enough``, the swap that spends more of the budget at the least loss of importance
-  (one chunk for one, or one given back and several others trimmed).
+  (one or two chunks for one or two; or one given back, across a jump in the total such as an
+  emptied branch coming back, and as many others trimmed as it takes).
 """
 from __future__ import annotations
 
@@ -110,10 +111,34 @@ def exchange(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: d
         if a.predicted >= enough:
             break
         b = _best_move(cost, a, values, mins, order, limit, a.predicted, max_checks)
+        if b is None:  # no small swap spends more: give one chunk back and trim as much as it takes
+            b = _give_back_and_trim(cost, a, values, mins, order, limit)
         if b is None:
             break
-        a = fill(cost, b, values, order, limit)
+        filled = fill(cost, b, values, order, limit)
+        # a noisy table can make a give-back *lower* the total (a wider layer timed faster); taking
+        # that here would undo the move and cycle, so phase 2 keeps only totals that rise
+        a = filled if filled.predicted > a.predicted else b
     return a
+
+
+def _give_back_and_trim(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[str, int],
+                        order: Order, limit: float) -> Attempt | None:
+    """Phase 2's wide move: give back one removed chunk whose price alone passes ``limit`` (say,
+    the last chunk of an emptied branch, which brings the branch's other layers back), then
+    :func:`trim` the other groups until the total fits. Small swaps cannot bridge such a jump; this
+    can. Returns the most important result whose total lands in ``(a.predicted, limit]``, or None."""
+    best = None
+    for gid, k in a.kept.items():
+        if k >= len(order[gid]):
+            continue
+        total = cost.total_ms({**a.widths, gid: a.widths[gid] + len(order[gid][k])})
+        if total <= limit:  # a plain give-back fits: fill's and the small swaps' case
+            continue
+        b = trim(cost, _move(a, order, values, gid, True, total), values, {**mins, gid: k + 1}, order, limit)
+        if a.predicted < b.predicted <= limit and (best is None or b.value > best.value):
+            best = b
+    return best
 
 
 def _sides(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[str, int], order: Order):
