@@ -388,6 +388,28 @@ def test_anchor_map_falls_back_to_scale_when_anchors_contradict_themselves():
     assert value == pytest.approx(1.93 / 2) and slope == pytest.approx(1.93 / 1.70)
 
 
+def test_anchor_map_does_not_grow_the_overhead_past_the_dense_anchor():
+    """RegNetX's numbers (results/lut_accuracy.md): anchors at units 5.96 / 9.25 / 13.31 ms measured
+    7.13 / 10.70 / 17.98 ms, a last slope of 1.79. A configuration narrowed inside its grouped convs
+    sums its units to 22.98 ms and measured 24.36 ms; extending the last segment said 35.3 ms.
+    Past the dense knot the map adds unit time one to one."""
+    from halp.latency.anchors import apply_knots, overhead_knots
+    dense = (13.31, 17.98)
+    xs, ys = overhead_knots("anchors", [(5.96, 7.13), (9.25, 10.70), dense], dense)
+    value, slope = apply_knots(xs, ys, 22.98)
+    assert slope == 1.0 and value == pytest.approx(17.98 + (22.98 - 13.31))
+    assert abs(value / 24.36 - 1) < 0.15  # was 45 % over
+    # inside the anchors nothing changes: the last segment's own slope up to the dense knot
+    inside, s_in = apply_knots(xs, ys, 12.0)
+    assert s_in == pytest.approx((17.98 - 10.70) / (13.31 - 9.25))
+    assert inside == pytest.approx(10.70 + s_in * (12.0 - 9.25))
+    assert apply_knots(xs, ys, 13.31)[0] == pytest.approx(17.98)  # continuous at the knot
+    # a gentle last slope (below 1) is kept past the knot; below the first knot the map extends as before
+    xs2, ys2 = overhead_knots("anchors", [(5.0, 7.0), (10.0, 10.5), (14.0, 13.3)], (14.0, 13.3))
+    assert apply_knots(xs2, ys2, 16.0) == pytest.approx((13.3 + 0.7 * 2.0, 0.7))
+    assert apply_knots(xs, ys, 4.0)[1] == pytest.approx((10.70 - 7.13) / (9.25 - 5.96))
+
+
 def test_table_from_another_torch_is_refused_and_each_interface_names_its_switch(graph, fake, tmp_path):
     table = build_table(plan_build(graph, "halp:resnet20", fake, 8), tmp_path / "t.json", QUICK, progress=False)
     assert table.meta["versions"]["torch"] == B.torch_version() == torch.__version__.split("+")[0]
