@@ -158,6 +158,7 @@ class JobConfig:
     cache_dir: str = ".halp-cache"
     progress: bool = True
     measure_rounds: int = 9
+    measure_repeats: int = 3  # interleaved runs of the final dense/slim timing; the median-ratio run is kept
 
     def __post_init__(self) -> None:
         if not isinstance(self.dense, DenseConfig):  # a plain TrainConfig (or mapping) from Python callers
@@ -171,6 +172,9 @@ class JobConfig:
         if self.method_cfg is not None:
             node.update(dataclasses.asdict(self.method_cfg))
         self.method = node
+        if self.measure_rounds < 1 or self.measure_repeats < 1:
+            raise ValueError(f"measure_rounds and measure_repeats must be >= 1, got {self.measure_rounds} and "
+                             f"{self.measure_repeats}")
         if self.dist_backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
         if self.dist_backend == "nccl" and self.trainer.device == "cpu":
