@@ -111,7 +111,7 @@ def preflight(cfg: JobConfig, input_shape: tuple[int, ...], num_classes: int, me
             how = f"predicted by this model's cached latency table {cached.name}"
         elif measure_floor:
             smallest = slim_model(graph, ChannelMasks.prefix(graph, floor)).eval()
-            dense_t, floor_t = measure_latency(cfg, [model, smallest], input_shape, rounds=3)
+            dense_t, floor_t = measure_latency(cfg, [model, smallest], input_shape, rounds=3, repeats=1)  # a quick check
             floor_ratio = floor_t.ms / dense_t.ms
         if floor_ratio is not None and cfg.prune.target < FLOOR_SLACK * floor_ratio:
             what, how = ("MACs", "counted") if cfg.latency.cost == "macs" else ("latency", how)
