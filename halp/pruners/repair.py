@@ -98,8 +98,9 @@ def exchange(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: d
     gives back one or two chunks to one or two other groups (at least one of each, one group never on both sides).
     Phase 1 takes the move that raises the kept importance most, while one does. Phase 2, only
     while the total is below ``enough``, takes the move that raises the total at the least loss of
-    importance, then :func:`fill` s. Phase 1 strictly raises the importance and phase 2 strictly
-    raises the total, so both end. Moves are ranked by their importance change among those whose
+    importance (when no such move qualifies, :func:`_give_back_and_trim`'s wider one), then
+    :func:`fill` s where that raises the total. Phase 1 strictly raises the importance and phase 2
+    strictly raises the total, so both end. Moves are ranked by their importance change among those whose
     first-order total (the sum of each side's exact effect alone) fits; at most ``max_checks`` are
     priced exactly per move, in that order."""
     for _ in range(max_moves):
