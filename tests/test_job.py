@@ -55,9 +55,14 @@ def test_job_runs_end_to_end_and_reuses_its_caches(tmp_path):
                  tmp_path / "run2")
     assert r2["wall_seconds"]["dense_train"] == 0.0 and r2["lut"]["reused"] and not r["lut"]["reused"]
     assert r2["dense"]["top1"] == r["dense"]["top1"]
-    # (anchors are re-measured for the second job, so compare fractions of the dense prediction)
+    # ... and the anchors kept beside it, so both jobs price the dense network alike, to the bit
+    assert r2["lut"]["anchor_id"] == r["lut"]["anchor_id"] and not r2["lut"]["anchors_measured"]
+    assert r2["dense"]["predicted_ms"] == r["dense"]["predicted_ms"]
+    # each job meets its own target; how far below it lands depends on the measured table's staircase
+    # (a chunk of 4 of an 8-channel layer can save several per cent), so that is not asserted here
     frac = [x["pruned"]["predicted_ms"] / x["dense"]["predicted_ms"] for x in (r, r2)]
-    assert frac[0] <= 0.95 + 1e-9 and frac[1] <= 0.98 + 1e-9 and frac[1] >= frac[0] - 0.02
+    assert frac[0] <= 0.95 + 1e-9 and frac[1] <= 0.98 + 1e-9
+    assert r2["pruned"]["target_predicted_ms"] == pytest.approx(0.98 * r["dense"]["predicted_ms"])
     # rerunning a sweep resumes it: the same job in the same directory returns its record, untouched
     before = (tmp_path / "run2" / "result.json").stat().st_mtime_ns
     again = run_job(tiny(tmp_path, True, prune=PruneConfig(target=0.98, interval=2, steps=3, chunk=4, allow_vanish=True)),
