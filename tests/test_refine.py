@@ -194,3 +194,32 @@ def test_remeasuring_is_bounded_and_still_noisy_points_are_flagged():
     assert timed <= 1.2 * 5 * len(runners)
     assert any(t.noisy for t in timings) and not any(t.noisy for t in timings if t.spread == 0)
     assert all(t.noisy == (t.spread > protocol.max_spread) for t in timings)
+
+
+
+class RecordingBar:
+    """Stands in for the tqdm bar: keeps every update."""
+
+    def __init__(self, total: int = 0, **_: object) -> None:
+        self.total, self.n, self.steps = total, 0, []
+
+    def update(self, n: float = 1) -> None:
+        self.steps.append(n)
+        self.n += n
+
+    def write(self, _: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_progress_bar_counts_whole_samples(wide, fake, tmp_path, monkeypatch):
+    """A chunk's samples are shared over its points; the bar must still move by whole samples (it
+    once read '34280.49641319943/34280') and end within one sample per chunk of what was taken."""
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr(build_mod, "progress_bar", lambda **kw: bars.append(RecordingBar(**kw)) or bars[-1])
+    build_table(plan_build(wide, "m", fake, 4), tmp_path / "t.json", Protocol(rounds=3), chunk=5)
+    (bar,) = bars
+    assert bar.steps and all(isinstance(n, int) and n >= 0 for n in bar.steps)
+    assert isinstance(bar.total, int) and 0 < bar.n <= bar.total

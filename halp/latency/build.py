@@ -291,10 +291,17 @@ def build_table(plan: BuildPlan, out: str | os.PathLike, protocol: Protocol | No
         if done:
             bar.write(f"resuming: {len(done)} points already measured")
 
+        owed = [0.0]  # a chunk's samples are shared out over its points: the bar moves by whole samples
+
         def tick(n: float) -> None:
-            if bar.n + n > bar.total:  # re-measuring noisy points: the bar says so, within its budget
-                bar.total = int(bar.n + n + 0.5)
-            bar.update(n)
+            owed[0] += n
+            whole = int(owed[0] + 1e-9)
+            if whole <= 0:
+                return
+            owed[0] -= whole
+            if bar.n + whole > bar.total:  # re-measuring noisy points: the bar says so, within its budget
+                bar.total = bar.n + whole
+            bar.update(whole)
 
         def measure_all(points: list[tuple[str, int, int]]) -> bool:
             """Measure the points not measured yet; False if the deadline stopped it."""
