@@ -196,7 +196,6 @@ def test_remeasuring_is_bounded_and_still_noisy_points_are_flagged():
     assert all(t.noisy == (t.spread > protocol.max_spread) for t in timings)
 
 
-
 class RecordingBar:
     """Stands in for the tqdm bar: keeps every update."""
 
