@@ -193,6 +193,88 @@ def test_the_network_kept_is_the_one_that_spends_the_measured_budget(setup):
     assert pruner.log[-1].measured_ms == pytest.approx(0.99 * pruner.log[-1].target_ms)
 
 
+class CliffFeedback(Feedback):
+    """A machine on which networks that keep residual branch ``branch`` run 5 % slower than the
+    table prices them and those that empty it 6 % faster: two structures the table misprices
+    against each other, as on this CPU (results/cpu_fashion_mnist.md)."""
+
+    def __init__(self, graph, cost, branch, **kw):
+        super().__init__(Setting(), **kw)
+        self.cost, self.branch, self.full, self.seen = cost, branch, graph.full_widths(), []
+
+    def ratio(self, graph, widths):
+        self.seen.append(dict(widths))
+        factor = 1.05 if widths[self.branch] > 0 else 0.94
+        return self.cost.total_ms(widths) / self.cost.total_ms(self.full) * factor
+
+
+def test_a_cliff_between_two_structures_is_crossed_by_narrowing_one(monkeypatch):
+    """Branch layer2.2 carries little importance, so the solver empties it just under the target
+    and keeps it just over. Every network that keeps it measures over the target and every one
+    that empties it measures under the window, so the solver's answers alone never land inside
+    (premise, with the narrowing turned off); narrowing the network measured over the target
+    (same structure, fewer channels) does, and that network is kept."""
+    torch.manual_seed(0)
+    graph = ChannelGraph.build(create_model("halp:resnet20", num_classes=10, in_chans=1), (1, 12, 12))
+    table = synthetic_table(graph, lin, step=2)
+    steps = {gid: int(g["step"]) for gid, g in table.groups.items()}
+    exact = CostModel.create(graph, table, overhead="none")
+    calibration = {"anchors": [{"name": n, "ms": exact.units_ms(w) + 0.5, "widths": w}
+                               for n, w in anchor_widths(graph, steps).items()]}
+    branch, target = "layer2.2.conv1", 0.42
+
+    def run():
+        pruner = HalpPruner(graph, CostModel.create(graph, table, calibration=calibration),
+                            PruneConfig(target=target, steps=1, chunk=2, allow_vanish=True), HalpConfig())
+        pruner.feedback = CliffFeedback(graph, CostModel.create(graph, table, calibration=calibration), branch,
+                                        tolerance=0.02, max_rounds=8)
+        gen = torch.Generator().manual_seed(0)
+        pruner.saliency.sums = {g.id: torch.rand(g.width, generator=gen, dtype=torch.float64) ** 3
+                                * (0.02 if g.id == branch else 1.0) for g in pruner.groups}
+        pruner.saliency.count = 1
+        pruner.prune_step()
+        last = pruner.log[-1]
+        return pruner, last, last.measured_ms / last.target_ms
+
+    with monkeypatch.context() as m:
+        m.setattr(HalpPruner, "_trim_path", lambda *a, **k: None)
+        _, solver_only, ratio = run()
+    kept = {t["widths"][branch] > 0 for t in solver_only.feedback_trials}
+    assert kept == {True, False} and ratio < 0.98, (ratio, solver_only.feedback_trials)  # the premise
+
+    pruner, last, ratio = run()
+    assert 0.98 <= ratio <= 1.0, (ratio, last.feedback_trials)
+    assert [t["widths"] for t in last.feedback_trials] == pruner.feedback.seen  # every trial records its widths
+    inside = [t for t in last.feedback_trials if t["measured_ms"] == last.measured_ms]
+    assert inside[0]["search"] == "trim" and inside[0]["widths"] == pruner.widths()
+    assert pruner.widths()[branch] > 0  # the narrowed network kept the branch it started with
+    assert last.predicted_ms == pytest.approx(last.measured_ms)
+
+
+def test_a_trim_path_narrows_one_chunk_at_a_time_and_keeps_the_structure(setup):
+    from halp.pruners.repair import trim_path
+
+    graph, table, calibration, _ = setup
+    pruner = HalpPruner(graph, CostModel.create(graph, table, calibration=calibration),
+                        PruneConfig(target=0.6, steps=1, chunk=2, allow_vanish=True), HalpConfig())
+    gen = torch.Generator().manual_seed(1)
+    pruner.saliency.sums = {g.id: torch.rand(g.width, generator=gen, dtype=torch.float64) ** 3 for g in pruner.groups}
+    pruner.saliency.count = 1
+    scores, keep = pruner.saliency.scores(), dict(pruner.masks)
+    start, _ = pruner._solve(scores, keep, 0.6 * pruner.dense_ms, True)
+    items, order, _ = pruner._items(scores, keep, pruner.widths())
+    values = {it.id: it.values for it in items}
+    mins = {it.id: it.min_keep for it in items}
+    path = trim_path(pruner.cost, start, values, mins, order, stop=0.7 * start.predicted)
+    assert path[0] is start and len(path) > 3
+    assert path[-2].predicted > 0.7 * start.predicted >= path[-1].predicted  # walks until the stop, no further
+    for a, b in zip(path, path[1:]):
+        assert b.predicted < a.predicted and b.predicted == pytest.approx(pruner.cost.total_ms(b.widths))
+        assert all(b.kept[g] <= a.kept[g] for g in a.kept) and b.kept != a.kept  # only narrows
+        assert b.value == pytest.approx(sum(values[g][:k].sum() for g, k in b.kept.items()))
+    assert all(path[-1].kept[g] >= 1 for g, k in start.kept.items() if k > 0)  # nothing start keeps is emptied
+
+
 def test_observations_are_part_of_the_checkpoint(setup):
     graph, table, calibration, truth = setup
     pruner = prune(graph, CostModel.create(graph, table, calibration=calibration), 0.5,

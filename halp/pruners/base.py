@@ -102,8 +102,10 @@ class StepLog:
     measured_ms: float | None = None  # measured feedback: the chosen network timed (dense anchor × ratio)
     feedback_rounds: int = 0  # measure-and-re-solve rounds the step made (0: no feedback)
     # every network the feedback timed, in order: {"predicted_ms": the table's price before any
-    # correction, "measured_ms"}; shows whether the chunk grid held a network inside the window
-    feedback_trials: list[dict[str, float]] = field(default_factory=list)
+    # correction, "measured_ms", and for HALP "widths" and "search" (``solver``: the knapsack's
+    # answer at an aimed price; ``trim``: a narrowed network)}; shows whether the chunk grid held a
+    # network inside the window, and which structures the timings split into
+    feedback_trials: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.achieved is None and self.target_ms > 0:
@@ -366,7 +368,7 @@ class Pruner:
 
     def record(self, target_ms: float, predicted_ms: float, removed: int, resolves: int = 0,
                measured_ms: float | None = None, feedback_rounds: int = 0,
-               feedback_trials: list[dict[str, float]] | None = None) -> StepLog:
+               feedback_trials: list[dict] | None = None) -> StepLog:
         self.step += 1
         entry = StepLog(self.step, self.iteration, target_ms, predicted_ms, removed, self.widths(), resolves,
                         measured_ms=measured_ms, feedback_rounds=feedback_rounds,

@@ -20,10 +20,13 @@ for budget use until the total is within the tolerance. With ``lookahead``, an i
 that would leave a state from which the final budget cannot be met waits instead (its log entry
 removes nothing and stays over its target). Pruned channels never return.
 With measured feedback (``pruner.feedback``, :mod:`halp.latency.feedback`), the last step times the
-network it chose against the dense one, feeds that into the cost model and re-solves under the
-corrected prices until the measured latency is within the feedback's tolerance below the target
-(at most ``max_rounds`` measurements); the most valuable measured choice inside that window is
-kept, else the one measured closest under the target.
+network it chose against the dense one and solves again at a price the measurements aim (a
+secant on the table's prices), until the measured latency is within the feedback's tolerance below
+the target (at most ``max_rounds`` measurements). Where the solver's answers jump across that
+window (two structures the table misprices against each other), it narrows the network measured
+closest over the target instead, one chunk at a time and keeping its structure. The most valuable
+measured choice inside the window is kept, else the one measured closest under the target, and the
+cost model is made to pass through the measurements.
 Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ..saliency import Saliency, SaliencyKind
 from ..solver import SOLVERS, GroupItems, InfeasibleTarget, get_solver
 from .base import PruneConfig, Pruner, PrunerContext, StepLog
 from .registry import register_pruner
-from .repair import Attempt, exchange, fill, trim
+from .repair import Attempt, exchange, fill, trim, trim_path
 
 __all__ = ["HalpConfig", "HalpPruner", "PruneConfig", "StepLog"]
 
@@ -137,47 +140,38 @@ class HalpPruner(Pruner):
         return self.record(target, chosen.predicted, removed, resolves, measured, rounds, trials)
 
     def _close_loop(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], target: float,
-                    chosen: Attempt) -> tuple[Attempt, float, list[dict[str, float]]]:
+                    chosen: Attempt) -> tuple[Attempt, float, list[dict]]:
         """Measure ``chosen``, then choose again at prices aimed by the measurements so far, until
         a measurement lands in the accepted window. Returns the most valuable measured choice inside
         the window (else the one measured closest under ``target``, else the fastest measured), its
-        measurement, and every trial (the table's price, the measured
-        latency). The cost model is then made to pass through every measurement, the returned one
-        last, so its prediction is what was measured."""
+        measurement, and every trial (the table's price, the measured latency, the widths, which
+        search proposed it). The cost model is then made to pass through every measurement, the
+        returned one last, so its prediction is what was measured.
+
+        The solver's answers can change structure (which branches exist) between two nearby
+        prices, and the table can misprice one structure against another by more than the window
+        is wide: its timings then jump across the window. When the solver has nothing new between
+        the closest networks measured under and over the target, the search walks a
+        :func:`~.repair.trim_path` from the network measured closest over the target instead: same
+        structure, narrower, one chunk at a time, bisected by measurement."""
         fb = self.feedback
-        tried: list[tuple[Attempt, float]] = []
+        tried: list[tuple[Attempt, float, str]] = []
         mid = target * (1 - fb.tolerance / 2)  # aim inside the window, not at its edge
         # The search runs on the table's price of each timed network: the measured latency is
         # about a smooth function of it, while the solver's budget maps to prices by steps.
-        under: tuple[float, float] | None = None  # (price, measured): the priciest that measured under the window
-        over: tuple[float, float] | None = None   # the cheapest that measured over the target
+        path: list[Attempt] | None = None
+        source = "solver"
         for r in range(fb.max_rounds):
             obs = fb.ratio(self.graph, chosen.widths) * self.dense_ms
-            tried.append((chosen, obs))
+            tried.append((chosen, obs, source))
             if fb.accepts(obs, target) or r + 1 == fb.max_rounds:
                 break
-            price = chosen.predicted
-            if obs > target:
-                over = (price, obs) if over is None or price < over[0] else over
-            else:
-                under = (price, obs) if under is None or price > under[0] else under
-            if under is not None and over is not None:
-                (p0, m0), (p1, m1) = under, over
-                if p1 <= p0:  # a pricier network measured faster: noise or a table that misorders them
-                    break
-                # secant between the bracketing prices, kept off their ends
-                aim = p0 + min(max((mid - m0) / (m1 - m0), 0.1), 0.9) * (p1 - p0)
-            else:  # latency is about proportional to the price near it: scale by the miss
-                aim = price * mid / obs
-            seen, again = [t[0].widths for t in tried], None
-            for _ in range(6):  # step on while the solver answers with a network already timed
-                candidate = self._solve(scores, keep, aim, True)[0]
-                if candidate.widths not in seen:
-                    again = candidate
-                    break
-                # nothing new priced at most ``aim`` above what was timed: look further that way
-                aim = 0.5 * (aim + over[0]) if under is not None and over is not None else aim * mid / obs
-            if again is None:  # no other network between what was timed
+            again = None if path is not None else self._solver_next(scores, keep, tried, mid, target, fb.tolerance)
+            if again is None and path is None:
+                path = self._trim_path(scores, keep, tried, target, mid)
+            if path is not None:
+                again, source = _path_next(path, tried, target, mid), "trim"
+            if again is None:  # nothing untimed left between what measured under and over
                 break
             chosen = again
         # the budget is spent first: the most valuable network measured inside the window; else
@@ -186,18 +180,64 @@ class HalpPruner(Pruner):
         accepted = [t for t in tried if fb.accepts(t[1], target)]
         fitting = [t for t in tried if t[1] <= target * (1 + 1e-9)]
         if accepted:
-            best, ms = max(accepted, key=lambda t: (t[0].value, t[1]))
+            best = max(accepted, key=lambda t: (t[0].value, t[1]))
         elif fitting:
-            best, ms = max(fitting, key=lambda t: (t[1], t[0].value))
+            best = max(fitting, key=lambda t: (t[1], t[0].value))
         else:
-            best, ms = min(tried, key=lambda t: t[1])
-        for a, m in [t for t in tried if t[0] is not best] + [(best, ms)]:
+            best = min(tried, key=lambda t: t[1])
+        for a, m, _ in [t for t in tried if t is not best] + [best]:
             try:
                 self.observe(a.widths, m)
             except ValueError:  # measured as slow as the dense network (noise at a target near 1)
                 pass
-        trials = [{"predicted_ms": a.predicted, "measured_ms": m} for a, m in tried]
-        return replace(best, predicted=self.cost.total_ms(best.widths)), ms, trials
+        trials = [{"predicted_ms": a.predicted, "measured_ms": m, "search": how, "widths": dict(a.widths)}
+                  for a, m, how in tried]
+        return replace(best[0], predicted=self.cost.total_ms(best[0].widths)), best[1], trials
+
+    def _solver_next(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
+                     tried: list[tuple[Attempt, float, str]], mid: float, target: float, tolerance: float
+                     ) -> Attempt | None:
+        """The solver's next untimed network, at a price aimed by the measurements: scaled by the
+        last miss until one measured under and one over, then by a secant between the closest
+        such pair. None when the solver has nothing untimed there, or the pair is misordered or
+        across a cliff (their measured ÷ priced differ by more than ``tolerance``)."""
+        under = max(((a.predicted, m) for a, m, _ in tried if m <= target * (1 + 1e-9)), default=None)
+        over = min(((a.predicted, m) for a, m, _ in tried if m > target * (1 + 1e-9)), default=None)
+        price, obs = tried[-1][0].predicted, tried[-1][1]
+        if under is not None and over is not None:
+            (p0, m0), (p1, m1) = under, over
+            if p1 <= p0 or (m1 / p1) / (m0 / p0) > 1 + tolerance:
+                # a pricier network measured faster, or the two differ in measured ms per priced ms
+                # by more than the window is wide: the table misprices one against the other (two
+                # structures, a cliff), and a secant between them only creeps along one side
+                return None
+            # secant between the bracketing prices, kept off their ends
+            aim = p0 + min(max((mid - m0) / (m1 - m0), 0.1), 0.9) * (p1 - p0)
+        else:  # latency is about proportional to the price near it: scale by the miss
+            aim = price * mid / obs
+        seen = [t[0].widths for t in tried]
+        for _ in range(6):  # step on while the solver answers with a network already timed
+            candidate = self._solve(scores, keep, aim, True)[0]
+            if candidate.widths not in seen:
+                return candidate
+            # nothing new priced at most ``aim`` above what was timed: look further that way
+            aim = 0.5 * (aim + over[0]) if under is not None and over is not None else aim * mid / obs
+        return None
+
+    def _trim_path(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
+                   tried: list[tuple[Attempt, float, str]], target: float, mid: float) -> list[Attempt] | None:
+        """The :func:`~.repair.trim_path` from the network measured closest over ``target`` (None if
+        none did), long enough to reach a price that would measure well under the window."""
+        over = [t for t in tried if t[1] > target * (1 + 1e-9)]
+        if not over:
+            return None
+        start, ms, _ = min(over, key=lambda t: t[1])
+        widths = {gid: int(m.sum()) for gid, m in keep.items()}
+        items, order, _ = self._items(scores, keep, widths)
+        values = {it.id: it.values for it in items}
+        mins = {it.id: it.min_keep for it in items}
+        stop = 0.9 * start.predicted * mid / ms
+        return trim_path(self.cost, start, values, mins, order, stop)
 
     def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
         """Whether a final step from ``a`` (same scores) lands within the tolerance of the final budget."""
@@ -286,3 +326,35 @@ def _cheapest(items: GroupItems) -> float:
     """Lowest cumulative cost a group may take (it keeps at least ``min_keep`` chunks)."""
     cum = np.concatenate([[0.0], np.cumsum(items.costs)])
     return float(cum[items.min_keep:].min())
+
+
+def _path_next(path: list[Attempt], tried: list[tuple[Attempt, float, str]], target: float, mid: float
+               ) -> Attempt | None:
+    """The next network of ``path`` (index 0 measured over ``target``, each next one cheaper) to
+    time: between the furthest one measured over and the nearest one measured under after it,
+    at the price a secant through their measurements (or, with none under yet, the last miss's
+    scale) aims at ``mid``. Networks timed before, on the path or not, count with their timing.
+    None when those two are neighbours (the crossing is one chunk) or the path has nothing past."""
+    timed = {_key(a.widths): m for a, m, _ in tried}
+    while True:
+        ms = [timed.get(_key(a.widths)) for a in path]
+        hi = max(i for i, m in enumerate(ms) if m is not None and m > target * (1 + 1e-9))
+        lo = min((i for i, m in enumerate(ms) if i > hi and m is not None and m <= target * (1 + 1e-9)),
+                 default=None)
+        p_hi, m_hi = path[hi].predicted, ms[hi]
+        if lo is None:
+            aim, top = p_hi * mid / m_hi, len(path) - 1
+        else:
+            p_lo, m_lo = path[lo].predicted, ms[lo]
+            aim, top = p_lo + (mid - m_lo) / (m_hi - m_lo) * (p_hi - p_lo), lo - 1
+        if top <= hi:
+            return None
+        i = min(range(hi + 1, top + 1), key=lambda j: abs(path[j].predicted - aim))
+        if ms[i] is None:
+            return path[i]
+        # timed already (a solver answer on the path): its timing moves the bracket; look again
+        # (it is over the target, or the nearest under; either way the next pass excludes it)
+
+
+def _key(widths: dict[str, int]) -> tuple:
+    return tuple(sorted(widths.items()))

@@ -7,6 +7,9 @@ total jump. These passes work on the cost model's exact total instead, one chunk
 keep every group's kept chunks a prefix of its importance order:
 
 - :func:`trim` removes the least important chunk per millisecond until the total fits;
+- :func:`trim_path` records the networks :func:`trim` passes through, one chunk at a time, without
+  emptying a group (the measured-feedback search walks it when the solver's answers jump across
+  the target);
 - :func:`fill` gives back the most important removed chunk per millisecond while it still fits;
 - :func:`exchange` swaps one kept chunk for one removed chunk of another group: first while the
   kept importance rises (a strictly better answer within the limit), then, if the total is still
@@ -23,7 +26,7 @@ import torch
 
 from ..latency.cost import CostModel
 
-__all__ = ["Attempt", "exchange", "fill", "trim"]
+__all__ = ["Attempt", "exchange", "fill", "trim", "trim_path"]
 
 
 @dataclass
@@ -88,6 +91,24 @@ def trim(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[
             return a
         a = _move(a, order, values, pick[1], False, pick[2])
     return a
+
+
+def trim_path(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[str, int], order: Order,
+              stop: float, max_len: int = 512) -> list[Attempt]:
+    """``a``, then each network one :func:`trim` move further (the kept chunk with the least
+    importance per predicted millisecond saved), until the total is at most ``stop``, nothing may
+    go, or ``max_len`` networks. A group that ``a`` keeps is never emptied: the path keeps ``a``'s
+    structure (which residual branches exist) and only narrows it, so its measured latency falls
+    about smoothly even where the solver's answers, which change structure, jump."""
+    floor = {gid: max(mins[gid], 1 if k > 0 else 0) for gid, k in a.kept.items()}
+    path = [a]
+    while a.predicted > stop and len(path) < max_len:
+        b = trim(cost, a, values, floor, order, a.predicted * (1 - 1e-9))
+        if b.kept == a.kept or b.predicted >= a.predicted:  # nothing left to take off
+            break
+        path.append(b)
+        a = b
+    return path
 
 
 def exchange(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[str, int], order: Order,
