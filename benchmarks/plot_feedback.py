@@ -7,8 +7,10 @@ For each job record with measured feedback, every configuration its last pruning
 point: x is what the table predicted (÷ the step's target), y is what the job measured (÷ the same
 target). Points above the diagonal are configurations the table under-priced. Arrows follow the
 order of the trials; the first is the table's own choice (what an open-loop job keeps), the ringed
-one is the configuration the job kept. With ``--remeasured`` (a ``halp remeasure`` file), a dashed
-line marks the kept model re-timed in a fresh process beside its dense model.
+one is the configuration the job kept; triangles are networks HALP narrowed from one measured over
+the target (same residual branches) when the solver's answers jumped across the window. With
+``--remeasured`` (a ``halp remeasure`` file), a dashed line marks the kept model re-timed in a
+fresh process beside its dense model.
 """
 from __future__ import annotations
 
@@ -64,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(len(xs) - 1):
             ax.annotate("", (xs[i + 1], ys[i + 1]), (xs[i], ys[i]),
                         arrowprops={"arrowstyle": "->", "color": "0.55", "lw": 0.8})
-        ax.scatter(xs, ys, s=22, zorder=3, label="trials of the last step")
+        # HALP records which search proposed each trial: the solver, or narrowing one structure
+        trim = [t.get("search") == "trim" for t in step["feedback_trials"]]
+        ax.scatter([x for x, t in zip(xs, trim) if not t], [y for y, t in zip(ys, trim) if not t], s=22, zorder=3,
+                   label="trials: solver's answer")
+        if any(trim):
+            ax.scatter([x for x, t in zip(xs, trim) if t], [y for y, t in zip(ys, trim) if t], s=26, marker="^",
+                       color="C1", zorder=3, label="trials: narrowed (same branches)")
         ax.scatter([xs[0]], [ys[0]], s=60, marker="s", facecolors="none", edgecolors="C3", zorder=4,
                    label="table's choice (open loop)")
         ax.scatter([xs[kept]], [ys[kept]], s=110, facecolors="none", edgecolors="k", zorder=4, label="kept")

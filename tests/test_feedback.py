@@ -237,7 +237,7 @@ def test_a_cliff_between_two_structures_is_crossed_by_narrowing_one(monkeypatch)
         return pruner, last, last.measured_ms / last.target_ms
 
     with monkeypatch.context() as m:
-        m.setattr(HalpPruner, "_trim_path", lambda *a, **k: None)
+        m.setattr(HalpPruner, "_narrowings", lambda *a, **k: None)
         _, solver_only, ratio = run()
     kept = {t["widths"][branch] > 0 for t in solver_only.feedback_trials}
     assert kept == {True, False} and ratio < 0.98, (ratio, solver_only.feedback_trials)  # the premise
@@ -251,8 +251,8 @@ def test_a_cliff_between_two_structures_is_crossed_by_narrowing_one(monkeypatch)
     assert last.predicted_ms == pytest.approx(last.measured_ms)
 
 
-def test_a_trim_path_narrows_one_chunk_at_a_time_and_keeps_the_structure(setup):
-    from halp.pruners.repair import trim_path
+def test_narrowings_take_one_chunk_at_a_time_and_keep_the_structure(setup):
+    from halp.pruners.repair import narrower, trim_path
 
     graph, table, calibration, _ = setup
     pruner = HalpPruner(graph, CostModel.create(graph, table, calibration=calibration),
@@ -273,6 +273,15 @@ def test_a_trim_path_narrows_one_chunk_at_a_time_and_keeps_the_structure(setup):
         assert all(b.kept[g] <= a.kept[g] for g in a.kept) and b.kept != a.kept  # only narrows
         assert b.value == pytest.approx(sum(values[g][:k].sum() for g, k in b.kept.items()))
     assert all(path[-1].kept[g] >= 1 for g, k in start.kept.items() if k > 0)  # nothing start keeps is emptied
+    # a network's one-chunk narrowings: one per group that may lose a chunk, priced exactly
+    floor = {g: max(mins[g], 1 if k > 0 else 0) for g, k in start.kept.items()}
+    around = narrower(pruner.cost, path[1], values, floor, order)
+    assert sorted(g for b in around for g in b.kept if b.kept[g] != path[1].kept[g]) == \
+        sorted(g for g, k in path[1].kept.items() if k > floor[g])
+    for b in around:
+        assert sum(path[1].kept[g] - b.kept[g] for g in b.kept) == 1
+        assert b.predicted == pytest.approx(pruner.cost.total_ms(b.widths))
+    assert path[2].widths in [b.widths for b in around]  # the path's next step is one of them
 
 
 def test_observations_are_part_of_the_checkpoint(setup):

@@ -42,7 +42,7 @@ from ..saliency import Saliency, SaliencyKind
 from ..solver import SOLVERS, GroupItems, InfeasibleTarget, get_solver
 from .base import PruneConfig, Pruner, PrunerContext, StepLog
 from .registry import register_pruner
-from .repair import Attempt, exchange, fill, trim, trim_path
+from .repair import Attempt, exchange, fill, narrower, trim, trim_path
 
 __all__ = ["HalpConfig", "HalpPruner", "PruneConfig", "StepLog"]
 
@@ -151,26 +151,29 @@ class HalpPruner(Pruner):
         The solver's answers can change structure (which branches exist) between two nearby
         prices, and the table can misprice one structure against another by more than the window
         is wide: its timings then jump across the window. When the solver has nothing new between
-        the closest networks measured under and over the target, the search walks a
-        :func:`~.repair.trim_path` from the network measured closest over the target instead: same
-        structure, narrower, one chunk at a time, bisected by measurement."""
+        the closest networks measured under and over the target, or their measured ÷ priced
+        differ by more than the window, the search times narrowings of the network measured
+        closest over the target instead (same structure, fewer channels:
+        :meth:`_narrowings`), each priced where the timings so far aim.
+        """
         fb = self.feedback
         tried: list[tuple[Attempt, float, str]] = []
         mid = target * (1 - fb.tolerance / 2)  # aim inside the window, not at its edge
         # The search runs on the table's price of each timed network: the measured latency is
         # about a smooth function of it, while the solver's budget maps to prices by steps.
-        path: list[Attempt] | None = None
+        narrowings: list[Attempt] | None = None
         source = "solver"
         for r in range(fb.max_rounds):
             obs = fb.ratio(self.graph, chosen.widths) * self.dense_ms
             tried.append((chosen, obs, source))
             if fb.accepts(obs, target) or r + 1 == fb.max_rounds:
                 break
-            again = None if path is not None else self._solver_next(scores, keep, tried, mid, target, fb.tolerance)
-            if again is None and path is None:
-                path = self._trim_path(scores, keep, tried, target, mid)
-            if path is not None:
-                again, source = _path_next(path, tried, target, mid), "trim"
+            again = None if narrowings is not None else self._solver_next(scores, keep, tried, mid, target,
+                                                                           fb.tolerance)
+            if again is None and narrowings is None:
+                narrowings = self._narrowings(scores, keep, tried, target, mid)
+            if narrowings is not None:
+                again, source = _narrowing_next(narrowings, tried, target, mid), "trim"
             if again is None:  # nothing untimed left between what measured under and over
                 break
             chosen = again
@@ -224,10 +227,12 @@ class HalpPruner(Pruner):
             aim = 0.5 * (aim + over[0]) if under is not None and over is not None else aim * mid / obs
         return None
 
-    def _trim_path(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
-                   tried: list[tuple[Attempt, float, str]], target: float, mid: float) -> list[Attempt] | None:
-        """The :func:`~.repair.trim_path` from the network measured closest over ``target`` (None if
-        none did), long enough to reach a price that would measure well under the window."""
+    def _narrowings(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
+                    tried: list[tuple[Attempt, float, str]], target: float, mid: float) -> list[Attempt] | None:
+        """Networks of the structure of the one measured closest over ``target`` (None if none
+        did), narrower than it: its :func:`~.repair.trim_path`, long enough to reach a price that
+        would measure well under the window, and every one-chunk narrowing of each network on it
+        (:func:`~.repair.narrower`), none emptying a group it keeps."""
         over = [t for t in tried if t[1] > target * (1 + 1e-9)]
         if not over:
             return None
@@ -235,9 +240,13 @@ class HalpPruner(Pruner):
         widths = {gid: int(m.sum()) for gid, m in keep.items()}
         items, order, _ = self._items(scores, keep, widths)
         values = {it.id: it.values for it in items}
-        mins = {it.id: it.min_keep for it in items}
-        stop = 0.9 * start.predicted * mid / ms
-        return trim_path(self.cost, start, values, mins, order, stop)
+        floor = {it.id: max(it.min_keep, 1 if start.kept.get(it.id, 0) > 0 else 0) for it in items}
+        path = trim_path(self.cost, start, values, floor, order, 0.9 * start.predicted * mid / ms)
+        found: dict[tuple, Attempt] = {}
+        for a in path:
+            for b in [a, *narrower(self.cost, a, values, floor, order)]:
+                found.setdefault(_key(b.widths), b)
+        return list(found.values())
 
     def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
         """Whether a final step from ``a`` (same scores) lands within the tolerance of the final budget."""
@@ -328,32 +337,26 @@ def _cheapest(items: GroupItems) -> float:
     return float(cum[items.min_keep:].min())
 
 
-def _path_next(path: list[Attempt], tried: list[tuple[Attempt, float, str]], target: float, mid: float
-               ) -> Attempt | None:
-    """The next network of ``path`` (index 0 measured over ``target``, each next one cheaper) to
-    time: between the furthest one measured over and the nearest one measured under after it,
-    at the price a secant through their measurements (or, with none under yet, the last miss's
-    scale) aims at ``mid``. Networks timed before, on the path or not, count with their timing.
-    None when those two are neighbours (the crossing is one chunk) or the path has nothing past."""
-    timed = {_key(a.widths): m for a, m, _ in tried}
-    while True:
-        ms = [timed.get(_key(a.widths)) for a in path]
-        hi = max(i for i, m in enumerate(ms) if m is not None and m > target * (1 + 1e-9))
-        lo = min((i for i, m in enumerate(ms) if i > hi and m is not None and m <= target * (1 + 1e-9)),
-                 default=None)
-        p_hi, m_hi = path[hi].predicted, ms[hi]
-        if lo is None:
-            aim, top = p_hi * mid / m_hi, len(path) - 1
-        else:
-            p_lo, m_lo = path[lo].predicted, ms[lo]
-            aim, top = p_lo + (mid - m_lo) / (m_hi - m_lo) * (p_hi - p_lo), lo - 1
-        if top <= hi:
-            return None
-        i = min(range(hi + 1, top + 1), key=lambda j: abs(path[j].predicted - aim))
-        if ms[i] is None:
-            return path[i]
-        # timed already (a solver answer on the path): its timing moves the bracket; look again
-        # (it is over the target, or the nearest under; either way the next pass excludes it)
+def _narrowing_next(candidates: list[Attempt], tried: list[tuple[Attempt, float, str]], target: float,
+                    mid: float) -> Attempt | None:
+    """The next of ``candidates`` (networks of one structure, :meth:`HalpPruner._narrowings`) to
+    time: the untimed one priced nearest the price that the timed ones aim at ``mid``, strictly
+    between the cheapest measured over ``target`` and the priciest cheaper one measured under it
+    (a secant through their measurements; with none under yet, the miss's scale). Networks timed
+    before, candidates or not, count with their timings if they have the structure. None when no
+    untimed candidate is priced in between."""
+    empty = {g for g, w in candidates[0].widths.items() if w == 0}  # the first is the network narrowed
+    family = [(a.predicted, m) for a, m, _ in tried if {g for g, w in a.widths.items() if w == 0} == empty]
+    p_hi, m_hi = min((p, m) for p, m in family if m > target * (1 + 1e-9))
+    p_lo, m_lo = max(((p, m) for p, m in family if m <= target * (1 + 1e-9) and p < p_hi), default=(None, None))
+    if p_lo is None:
+        aim = p_hi * mid / m_hi
+    else:
+        aim = p_lo + (mid - m_lo) / (m_hi - m_lo) * (p_hi - p_lo) if m_hi > m_lo else 0.5 * (p_lo + p_hi)
+    timed = {_key(a.widths) for a, _, _ in tried}
+    between = [a for a in candidates if _key(a.widths) not in timed
+               and a.predicted < p_hi and (p_lo is None or a.predicted > p_lo)]
+    return min(between, key=lambda a: (abs(a.predicted - aim), -a.value)) if between else None
 
 
 def _key(widths: dict[str, int]) -> tuple:

@@ -8,8 +8,8 @@ keep every group's kept chunks a prefix of its importance order:
 
 - :func:`trim` removes the least important chunk per millisecond until the total fits;
 - :func:`trim_path` records the networks :func:`trim` passes through, one chunk at a time, without
-  emptying a group (the measured-feedback search walks it when the solver's answers jump across
-  the target);
+  emptying a group, and :func:`narrower` lists a network's one-chunk narrowings (the
+  measured-feedback search picks among both when the solver's answers jump across the target);
 - :func:`fill` gives back the most important removed chunk per millisecond while it still fits;
 - :func:`exchange` swaps one kept chunk for one removed chunk of another group: first while the
   kept importance rises (a strictly better answer within the limit), then, if the total is still
@@ -26,7 +26,7 @@ import torch
 
 from ..latency.cost import CostModel
 
-__all__ = ["Attempt", "exchange", "fill", "trim", "trim_path"]
+__all__ = ["Attempt", "exchange", "fill", "narrower", "trim", "trim_path"]
 
 
 @dataclass
@@ -109,6 +109,19 @@ def trim_path(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: 
         path.append(b)
         a = b
     return path
+
+
+def narrower(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[str, int], order: Order
+             ) -> list[Attempt]:
+    """Every network one chunk narrower than ``a`` (one group's last kept chunk removed, never
+    below ``mins``), priced. Between two neighbours of a :func:`trim_path` these fill in the
+    prices that the path's own, often coarse, steps skip."""
+    out = []
+    for gid, k in a.kept.items():
+        if k > mins[gid]:
+            w = a.widths[gid] - len(order[gid][k - 1])
+            out.append(_move(a, order, values, gid, False, cost.total_ms({**a.widths, gid: w})))
+    return out
 
 
 def exchange(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: dict[str, int], order: Order,
