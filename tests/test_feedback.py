@@ -284,6 +284,39 @@ def test_narrowings_take_one_chunk_at_a_time_and_keep_the_structure(setup):
     assert path[2].widths in [b.widths for b in around]  # the path's next step is one of them
 
 
+def test_the_search_past_a_cliff_times_what_lies_between_then_widens_the_closest_under():
+    """``_narrowing_next`` on hand-made networks (prices in units of the target; group "b" empty
+    in all but one, so that one is another structure)."""
+    from halp.pruners.halp import _narrowing_next
+    from halp.pruners.repair import Attempt
+
+    def net(price, a, b=0, value=0.0):
+        return Attempt(price, value, {}, {"a": a, "b": b}, {})
+
+    start = net(1.03, 40)  # measured over: the network narrowed
+    cands = [start, net(1.02, 38), net(1.01, 36, value=2.0), net(1.01, 35, value=1.0), net(0.99, 34), net(0.95, 30)]
+    widened = [net(1.005, 37), net(1.04, 39)]
+    widen = lambda a: widened  # noqa: E731
+    mid = 0.99
+    # only the start timed, over by 3 %: aim at its price scaled by the miss, 1.03 * 0.99 / 1.03
+    assert _narrowing_next(cands, widen, [(start, 1.03, "solver")], 1.0, mid) == (cands[4], "trim")
+    # a bracket, over at 1.03 -> 1.03 and under at 0.95 -> 0.93: the secant aims at 0.998. A
+    # network of the other structure (b=8) measured over at 0.985 does not narrow the bracket
+    tried = [(start, 1.03, "solver"), (cands[5], 0.93, "trim"), (net(0.985, 36, 8), 1.05, "solver")]
+    assert _narrowing_next(cands, widen, tried, 1.0, mid) == (cands[4], "trim")
+    # under at 0.99 -> 0.96: the secant aims at 1.007; of the two priced 1.01, the more valuable
+    tried.append((cands[4], 0.96, "trim"))
+    assert _narrowing_next(cands, widen, tried, 1.0, mid) == (cands[2], "trim")
+    # it measured over: nothing untimed is priced between 0.99 (under) and 1.01 (over), so widen
+    # the network measured closest under the target (0.96) toward 0.99 * 0.99 / 0.96 = 1.021
+    tried.append((cands[2], 1.01, "trim"))
+    assert _narrowing_next(cands, widen, tried, 1.0, mid) == (widened[0], "widen")
+    tried.append((widened[0], 1.02, "widen"))
+    assert _narrowing_next(cands, widen, tried, 1.0, mid) == (widened[1], "widen")
+    tried.append((widened[1], 1.05, "widen"))
+    assert _narrowing_next(cands, widen, tried, 1.0, mid) == (None, "widen")
+
+
 def test_observations_are_part_of_the_checkpoint(setup):
     graph, table, calibration, truth = setup
     pruner = prune(graph, CostModel.create(graph, table, calibration=calibration), 0.5,

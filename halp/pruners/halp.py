@@ -31,6 +31,7 @@ Its state (counters, saliency sums, masks, log) is part of a checkpoint.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -42,7 +43,7 @@ from ..saliency import Saliency, SaliencyKind
 from ..solver import SOLVERS, GroupItems, InfeasibleTarget, get_solver
 from .base import PruneConfig, Pruner, PrunerContext, StepLog
 from .registry import register_pruner
-from .repair import Attempt, exchange, fill, narrower, trim, trim_path
+from .repair import Attempt, exchange, fill, narrower, trim, trim_path, wider
 
 __all__ = ["HalpConfig", "HalpPruner", "PruneConfig", "StepLog"]
 
@@ -154,14 +155,15 @@ class HalpPruner(Pruner):
         the closest networks measured under and over the target, or their measured ÷ priced
         differ by more than the window, the search times narrowings of the network measured
         closest over the target instead (same structure, fewer channels:
-        :meth:`_narrowings`), each priced where the timings so far aim.
+        :meth:`_narrowings`), each priced where the timings so far aim, and where none is priced
+        in between, one-chunk widenings of the network measured closest under the target.
         """
         fb = self.feedback
         tried: list[tuple[Attempt, float, str]] = []
         mid = target * (1 - fb.tolerance / 2)  # aim inside the window, not at its edge
         # The search runs on the table's price of each timed network: the measured latency is
         # about a smooth function of it, while the solver's budget maps to prices by steps.
-        narrowings: list[Attempt] | None = None
+        narrowings: tuple[list[Attempt], Callable[[Attempt], list[Attempt]]] | None = None
         source = "solver"
         for r in range(fb.max_rounds):
             obs = fb.ratio(self.graph, chosen.widths) * self.dense_ms
@@ -173,7 +175,7 @@ class HalpPruner(Pruner):
             if again is None and narrowings is None:
                 narrowings = self._narrowings(scores, keep, tried, target, mid)
             if narrowings is not None:
-                again, source = _narrowing_next(narrowings, tried, target, mid), "trim"
+                again, source = _narrowing_next(*narrowings, tried, target, mid)
             if again is None:  # nothing untimed left between what measured under and over
                 break
             chosen = again
@@ -228,11 +230,13 @@ class HalpPruner(Pruner):
         return None
 
     def _narrowings(self, scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
-                    tried: list[tuple[Attempt, float, str]], target: float, mid: float) -> list[Attempt] | None:
+                    tried: list[tuple[Attempt, float, str]], target: float, mid: float
+                    ) -> tuple[list[Attempt], Callable[[Attempt], list[Attempt]]] | None:
         """Networks of the structure of the one measured closest over ``target`` (None if none
         did), narrower than it: its :func:`~.repair.trim_path`, long enough to reach a price that
         would measure well under the window, and every one-chunk narrowing of each network on it
-        (:func:`~.repair.narrower`), none emptying a group it keeps."""
+        (:func:`~.repair.narrower`), none emptying a group it keeps; and the function that lists a
+        network's one-chunk widenings (:func:`~.repair.wider`) at the same step."""
         over = [t for t in tried if t[1] > target * (1 + 1e-9)]
         if not over:
             return None
@@ -246,7 +250,7 @@ class HalpPruner(Pruner):
         for a in path:
             for b in [a, *narrower(self.cost, a, values, floor, order)]:
                 found.setdefault(_key(b.widths), b)
-        return list(found.values())
+        return list(found.values()), lambda a: wider(self.cost, a, values, order)
 
     def _reaches_final(self, scores: dict[str, torch.Tensor], a: Attempt) -> bool:
         """Whether a final step from ``a`` (same scores) lands within the tolerance of the final budget."""
@@ -337,14 +341,22 @@ def _cheapest(items: GroupItems) -> float:
     return float(cum[items.min_keep:].min())
 
 
-def _narrowing_next(candidates: list[Attempt], tried: list[tuple[Attempt, float, str]], target: float,
-                    mid: float) -> Attempt | None:
-    """The next of ``candidates`` (networks of one structure, :meth:`HalpPruner._narrowings`) to
-    time: the untimed one priced nearest the price that the timed ones aim at ``mid``, strictly
-    between the cheapest measured over ``target`` and the priciest cheaper one measured under it
-    (a secant through their measurements; with none under yet, the miss's scale). Networks timed
-    before, candidates or not, count with their timings if they have the structure. None when no
-    untimed candidate is priced in between."""
+def _narrowing_next(candidates: list[Attempt], widen: Callable[[Attempt], list[Attempt]],
+                    tried: list[tuple[Attempt, float, str]], target: float, mid: float
+                    ) -> tuple[Attempt | None, str]:
+    """The next network to time once the solver's answers jumped across the window, and how it
+    was found (``trim``: a narrowing; ``widen``: a widening).
+
+    First the untimed one of ``candidates`` (narrowings of one network measured over ``target``,
+    :meth:`HalpPruner._narrowings`) priced nearest the price that the timed ones of that structure
+    aim at ``mid``, strictly between the cheapest measured over ``target`` and the priciest
+    cheaper one measured under it (a secant through their measurements; with none under yet, the
+    miss's scale). When no candidate is priced in between (within one structure, too, the table
+    misprices some widths by more than the window), the untimed one-chunk widening (``widen``)
+    of the network measured closest under the target priced nearest its scaled aim: from a
+    timing just under the window, one small chunk more usually lands in it. None when neither
+    exists."""
+    timed = {_key(a.widths) for a, _, _ in tried}
     empty = {g for g, w in candidates[0].widths.items() if w == 0}  # the first is the network narrowed
     family = [(a.predicted, m) for a, m, _ in tried if {g for g, w in a.widths.items() if w == 0} == empty]
     p_hi, m_hi = min((p, m) for p, m in family if m > target * (1 + 1e-9))
@@ -353,10 +365,17 @@ def _narrowing_next(candidates: list[Attempt], tried: list[tuple[Attempt, float,
         aim = p_hi * mid / m_hi
     else:
         aim = p_lo + (mid - m_lo) / (m_hi - m_lo) * (p_hi - p_lo) if m_hi > m_lo else 0.5 * (p_lo + p_hi)
-    timed = {_key(a.widths) for a, _, _ in tried}
     between = [a for a in candidates if _key(a.widths) not in timed
                and a.predicted < p_hi and (p_lo is None or a.predicted > p_lo)]
-    return min(between, key=lambda a: (abs(a.predicted - aim), -a.value)) if between else None
+    if between:
+        return min(between, key=lambda a: (abs(a.predicted - aim), -a.value)), "trim"
+    under = [t for t in tried if t[1] <= target * (1 + 1e-9)]
+    if not under:
+        return None, "widen"
+    closest, m_u, _ = max(under, key=lambda t: t[1])
+    aim = closest.predicted * mid / m_u
+    wider_ = [a for a in widen(closest) if _key(a.widths) not in timed]
+    return (min(wider_, key=lambda a: (abs(a.predicted - aim), -a.value)) if wider_ else None), "widen"
 
 
 def _key(widths: dict[str, int]) -> tuple:

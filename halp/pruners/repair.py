@@ -8,8 +8,9 @@ keep every group's kept chunks a prefix of its importance order:
 
 - :func:`trim` removes the least important chunk per millisecond until the total fits;
 - :func:`trim_path` records the networks :func:`trim` passes through, one chunk at a time, without
-  emptying a group, and :func:`narrower` lists a network's one-chunk narrowings (the
-  measured-feedback search picks among both when the solver's answers jump across the target);
+  emptying a group, and :func:`narrower` / :func:`wider` list a network's one-chunk narrowings and
+  widenings (the measured-feedback search picks among them when the solver's answers jump across
+  the target);
 - :func:`fill` gives back the most important removed chunk per millisecond while it still fits;
 - :func:`exchange` swaps one kept chunk for one removed chunk of another group: first while the
   kept importance rises (a strictly better answer within the limit), then, if the total is still
@@ -26,7 +27,7 @@ import torch
 
 from ..latency.cost import CostModel
 
-__all__ = ["Attempt", "exchange", "fill", "narrower", "trim", "trim_path"]
+__all__ = ["Attempt", "exchange", "fill", "narrower", "trim", "trim_path", "wider"]
 
 
 @dataclass
@@ -121,6 +122,17 @@ def narrower(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], mins: d
         if k > mins[gid]:
             w = a.widths[gid] - len(order[gid][k - 1])
             out.append(_move(a, order, values, gid, False, cost.total_ms({**a.widths, gid: w})))
+    return out
+
+
+def wider(cost: CostModel, a: Attempt, values: dict[str, np.ndarray], order: Order) -> list[Attempt]:
+    """Every network one chunk wider than ``a`` in a group it keeps (an emptied group stays
+    empty, so the structure stays ``a``'s), priced."""
+    out = []
+    for gid, k in a.kept.items():
+        if 0 < k < len(order[gid]):
+            w = a.widths[gid] + len(order[gid][k])
+            out.append(_move(a, order, values, gid, True, cost.total_ms({**a.widths, gid: w})))
     return out
 
 
