@@ -103,8 +103,9 @@ class StepLog:
     feedback_rounds: int = 0  # measure-and-re-solve rounds the step made (0: no feedback)
     # every network the feedback timed, in order: {"predicted_ms": the table's price before any
     # correction, "measured_ms", and for HALP "widths" and "search" (``solver``: the knapsack's
-    # answer at an aimed price; ``trim``: a narrowed network)}; shows whether the chunk grid held a
-    # network inside the window, and which structures the timings split into
+    # answer at an aimed price; ``trim`` / ``widen``: a network narrowed / widened by chunks, its
+    # branches unchanged)}; shows whether the chunk grid held a network inside the window, and
+    # which structures the timings split into
     feedback_trials: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -24,7 +24,8 @@ network it chose against the dense one and solves again at a price the measureme
 secant on the table's prices), until the measured latency is within the feedback's tolerance below
 the target (at most ``max_rounds`` measurements). Where the solver's answers jump across that
 window (two structures the table misprices against each other), it narrows the network measured
-closest over the target instead, one chunk at a time and keeping its structure. The most valuable
+closest over the target instead, by chunks and keeping its structure (or, where no narrowing is
+priced in between, widens the one measured closest under it by one chunk). The most valuable
 measured choice inside the window is kept, else the one measured closest under the target, and the
 cost model is made to pass through the measurements.
 Its state (counters, saliency sums, masks, log) is part of a checkpoint.
